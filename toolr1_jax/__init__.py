@@ -1,0 +1,1 @@
+"""toolr1_jax: Tool-R1 (code agent, GRPO, dynamic sample queue) in JAX."""

@@ -1,0 +1,324 @@
+"""The policy: a decoder-only transformer in Flax NNX (Qwen2/2.5, Qwen3, Llama 3.x).
+
+Shape letters, used in names and einsums across the project:
+  B batch, T query length, S kv length (cache slots), L layers, N query heads, K kv heads,
+  G query heads per kv head (N // K), H head dim, D model dim, F mlp dim, V vocab.
+
+Functional signature: `model(tokens, positions, cache=None, attn_mask=None) -> (logits, cache)`.
+The KV cache is an explicit pytree (`KVCache`) passed in and returned, never hidden state, so the
+engine can prefill and decode each slot independently under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+# Finite, so a query row whose keys are all masked (left padding) gives uniform weights, not NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyperparameters; `from_hf` reads a transformers config (object or dict)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rope_theta: float = 10000.0
+    # Llama 3 scaling as a tuple of (key, value) pairs so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2/2.5
+    qk_norm: bool = False  # Qwen3
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported model_type {self.model_type!r}; supported model types are "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> ModelConfig:
+        """Builds a config from a transformers `PretrainedConfig` or its `to_dict()`."""
+        c = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        model_type = c.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported model_type {model_type!r} in config.json; supported model types "
+                f"are {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        # transformers >= 5 keeps RoPE settings in `rope_parameters`; older files use
+        # `rope_theta` and `rope_scaling`.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", c.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(
+                f"Unsupported RoPE type {rope_type!r}; supported: 'default', 'llama3'."
+            )
+        rope_scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor")
+            rope_scaling = tuple((k, float(rope[k])) for k in keys) + (
+                ("original_max_position_embeddings", int(rope["original_max_position_embeddings"])),
+            )
+        eos = c.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        num_heads = c["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=c.get("num_key_value_heads") or num_heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // num_heads,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            max_position_embeddings=c.get("max_position_embeddings", 32768),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@struct.dataclass
+class KVCache:
+    """Per-sequence KV cache. Row b holds `lengths[b]` valid entries at indices [0, lengths[b])."""
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    lengths: jax.Array  # [B] int32
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32):
+        shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def _param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], dtype, std=0.02) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def _ones(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+
+
+def _zeros(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str | None, dtype):
+        self.scale = _ones((dim,), (axis_name,), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32 and cast back before the scale, as the reference implementations do.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2], with Llama 3 frequency scaling when configured."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if config.rope_scaling is None:
+        return inv_freq
+    s = dict(config.rope_scaling)
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept; the band between is interpolated.
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotary embedding in the half-split convention. x: [B, T, n, H]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.config = config
+        self.wq_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+        self.wk_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wv_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wo_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)
+        if config.qkv_bias:
+            self.bq_nh = _zeros((n, h), ("heads", "head_dim"), dtype)
+            self.bk_kh = _zeros((k, h), ("kv_heads", "head_dim"), dtype)
+            self.bv_kh = _zeros((k, h), ("kv_heads", "head_dim"), dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, "head_dim", dtype)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, "head_dim", dtype)
+
+    def __call__(self, x, positions, inv_freq, kv_fn):
+        """x: [B, T, D]. `kv_fn(k, v) -> (keys, values, mask)` supplies the keys to attend to."""
+        cfg = self.config
+        q = jnp.einsum("btd,dnh->btnh", x, self.wq_dnh[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.wk_dkh[...])
+        v = jnp.einsum("btd,dkh->btkh", x, self.wv_dkh[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        keys, values, mask = kv_fn(k, v)  # [B, S, K, H], [B, S, K, H], [B, T, S]
+        b, t = q.shape[:2]
+        g = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        return jnp.einsum("btnh,nhd->btd", out, self.wo_nhd[...])
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x):
+        gate = jnp.einsum("btd,df->btf", x, self.w_gate_df[...])
+        up = jnp.einsum("btd,df->btf", x, self.w_up_df[...])
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_fd[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype)
+        self.attn = Attention(config, dtype, rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, kv_fn):
+        x = x + self.attn(self.attn_norm(x), positions, inv_freq, kv_fn)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. Parameters are created in `dtype`, which is also the compute dtype."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.embed_vd = _param(
+            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype
+        )
+        self.layers = nnx.List([Block(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head_dv = _param(
+                rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), dtype
+            )
+
+    def __call__(self, tokens, positions, cache: KVCache | None = None, attn_mask=None):
+        """Logits [B, T, V] (compute dtype) and the updated cache.
+
+        Without a cache: causal attention over the T tokens; `attn_mask` [B, T] marks real tokens
+        (padding, left or right, is masked out as keys).
+        With a cache: row b's T new tokens are written at cache indices `lengths[b] + t` and
+        attend to everything before them; `attn_mask` [B, T] marks which new tokens are real (they
+        must be a prefix of the row: right padding) and the returned lengths advance by that count.
+        """
+        hidden, cache = self.hidden_states(tokens, positions, cache, attn_mask)
+        return self.logits(hidden), cache
+
+    def logits(self, hidden):
+        """LM head: hidden [..., D] -> logits [..., V]. Split out so losses can chunk over T."""
+        w = self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
+        return jnp.einsum("...d,dv->...v", hidden, w)
+
+    def hidden_states(self, tokens, positions, cache: KVCache | None = None, attn_mask=None):
+        """Final-normed hidden states [B, T, D] and the updated cache."""
+        b, t = tokens.shape
+        if attn_mask is None:
+            attn_mask = jnp.ones((b, t), jnp.bool_)
+        attn_mask = attn_mask.astype(jnp.bool_)
+        inv_freq = rope_inv_freq(self.config)
+        x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
+
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+            mask = causal[None] & attn_mask[:, None, :]  # [B, T, T]
+            for layer in self.layers:
+                x = layer(x, positions, inv_freq, lambda k, v: (k, v, mask))
+            return self.final_norm(x), None
+
+        s = cache.max_len
+        write_idx = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+        rows = jnp.arange(b)[:, None]
+        # Key j is visible to new token t of row b iff j <= lengths[b] + t.
+        mask = jnp.arange(s)[None, None, :] <= write_idx[:, :, None]  # [B, T, S]
+        new_k, new_v = cache.k, cache.v
+        for i, layer in enumerate(self.layers):
+
+            def kv_fn(k, v, i=i):
+                nonlocal new_k, new_v
+                # Indices past the cache end are dropped; the engine rejects sequences that
+                # would need them before it gets here.
+                new_k = new_k.at[i, rows, write_idx].set(k.astype(new_k.dtype), mode="drop")
+                new_v = new_v.at[i, rows, write_idx].set(v.astype(new_v.dtype), mode="drop")
+                return new_k[i], new_v[i], mask
+
+            x = layer(x, positions, inv_freq, kv_fn)
+        lengths = cache.lengths + attn_mask.sum(axis=-1).astype(jnp.int32)
+        return self.final_norm(x), KVCache(k=new_k, v=new_v, lengths=lengths)

@@ -1,0 +1,114 @@
+"""Training checkpoints: the only module that imports orbax.
+
+A checkpoint is two items: `state`, a pytree of arrays (params, optimizer state, the queue's device
+arrays, the RNG key), and `meta`, a JSON dict of host state (step, data position, question
+statistics, counters). Saving is asynchronous; the last `max_to_keep` checkpoints are kept.
+Restoring walks back from the newest step until one restores cleanly, so a checkpoint that a crash
+left partial or that was corrupted later costs one save interval, never the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+    """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Starts an asynchronous save; arrays are copied before this returns."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+
+    def restore_latest(self, like_state: Any) -> tuple[int, Any, dict] | None:
+        """Restores the newest checkpoint that loads cleanly; None when there is none.
+
+        `like_state` gives the structure, shapes, dtypes and shardings to restore into (arrays
+        or `jax.ShapeDtypeStruct`s).
+        """
+        self._manager.reload()
+        steps = self.all_steps()
+        for i, step in enumerate(reversed(steps)):
+            try:
+                state, meta = self._restore_step(self._manager, step, like_state)
+            except Exception as e:  # noqa: BLE001  any failure means this checkpoint is unusable
+                older = steps[: len(steps) - i - 1]
+                log.warning(
+                    "Checkpoint at step %d in %s is corrupt or incomplete (%s: %s); %s",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                    f"falling back to step {older[-1]}." if older else "no older checkpoint.",
+                )
+                continue
+            return step, state, meta
+        return None
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    @staticmethod
+    def _restore_step(manager, step: int, like_state: Any) -> tuple[Any, dict]:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()
+        )
+        restored = manager.restore(step, args=args)
+        return restored.state, restored.meta
+
+
+def restore_from(path: str, like_state: Any) -> tuple[int, Any, dict]:
+    """Restores from another run: its checkpoint directory (newest good step) or a step folder."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"ckpt.resume_from={path!r} is not a directory.")
+    name = os.path.basename(path.rstrip("/"))
+    if name.isdigit():  # a single step's folder
+        manager = ocp.CheckpointManager(os.path.dirname(path))
+        try:
+            state, meta = Checkpointer._restore_step(manager, int(name), like_state)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"Could not restore checkpoint {path!r}: {e}") from e
+        finally:
+            manager.close()
+        return int(name), state, meta
+    ckpt = Checkpointer(path, async_save=False)
+    try:
+        restored = ckpt.restore_latest(like_state)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise CheckpointError(f"ckpt.resume_from={path!r} holds no usable checkpoint.")
+    return restored

@@ -137,7 +137,7 @@ class GaiaConfig(tfds.core.BuilderConfig):
     level: int | None = None  # keep only this level; None keeps all
 
 
-class Gaia(tfds.core.GeneratorBasedBuilder):
+class Gaia(records.Builder):
     """GAIA 2023 (validation with answers, test with hidden answers), from a manual directory."""
 
     VERSION = tfds.core.Version("1.0.0")

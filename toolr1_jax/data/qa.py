@@ -143,7 +143,7 @@ def read_split(manual_dir: str | os.PathLike, split: str) -> Iterator[types.Exam
         )
 
 
-class QaTasks(tfds.core.GeneratorBasedBuilder):
+class QaTasks(records.Builder):
     """A user's question set. Name distinct sets with `config=tfds.core.BuilderConfig(name=...)`
     so that each gets its own folder under data_dir."""
 

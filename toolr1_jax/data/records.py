@@ -1,13 +1,16 @@
-"""The TFDS feature spec every builder here shares, and Example <-> TFDS record conversion."""
+"""What every TFDS builder here shares: the feature spec, Example <-> record conversion and a
+base class."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from toolr1_jax.data import types
 
@@ -78,3 +81,15 @@ def decode(record: Mapping[str, Any]) -> types.Example:
         files=dict(zip(names, data, strict=True)),
         metadata=json.loads(_text(record["metadata_json"])),
     )
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+    """Base of this package's builders."""
+
+    # TFDS locates a packaged builder's source through the `importlib_resources` backport, which
+    # it does not install on Python >= 3.9; the source file is all it needs (no checksums or
+    # metadata files ship with these builders), so point it there directly.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))

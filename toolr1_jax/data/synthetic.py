@@ -804,7 +804,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     levels: tuple[int, ...] | None = None
 
 
-class SyntheticTasks(tfds.core.GeneratorBasedBuilder):
+class SyntheticTasks(records.Builder):
     """The embedded GAIA-format task suite. Pair it with `corpus(config.seed)` for `search`."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -161,7 +161,19 @@ class Gaia(records.Builder):
     def _split_generators(self, dl_manager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         check_manual_dir(manual_dir)
-        return {s: self._generate_examples(manual_dir, s) for s in available_splits(manual_dir)}
+        level = self.builder_config.level
+        splits = available_splits(manual_dir)
+        if level is not None:
+            # TFDS cannot write an empty split; a level missing from a split drops that split.
+            splits = [
+                s
+                for s in splits
+                if any(
+                    int(r["Level"]) == level
+                    for r in read_metadata(_metadata_path(split_dir(manual_dir, s)))
+                )
+            ]
+        return {s: self._generate_examples(manual_dir, s) for s in splits}
 
     def _generate_examples(self, manual_dir: str, split: str):
         for example in read_split(manual_dir, split):

@@ -33,7 +33,7 @@ def builder(
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}")
     config = _DEFAULT_CONFIGS[dataset] if config is None else config
-    if dataset == "qa" and isinstance(config, str):
+    if dataset == "qa" and isinstance(config, str) and config not in qa.QaTasks.builder_configs:
         # Question sets are the user's: any name is a valid config.
         config = tfds.core.BuilderConfig(name=config)
     cls = {"synthetic": synthetic.SyntheticTasks, "gaia": gaia.Gaia, "qa": qa.QaTasks}[dataset]

@@ -101,8 +101,11 @@ def read_split(manual_dir: str | os.PathLike, split: str) -> Iterator[types.Exam
     path = split_path(manual_dir, split)
     if path is None:
         raise FileNotFoundError(f"No {split}.jsonl/.json/.parquet in {os.fspath(manual_dir)!r}.")
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path} holds no questions")
     seen: set[str] = set()
-    for i, row in enumerate(read_rows(path)):
+    for i, row in enumerate(rows):
         where = f"{path}: row {i}"
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected an object, got {type(row).__name__}")

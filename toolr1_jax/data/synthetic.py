@@ -29,6 +29,11 @@ from toolr1_jax.data import records, types
 
 SPLITS = ("train", "validation", "test")
 
+# Modules a sandbox must import before lockdown for the reference solutions to run: pandas reads
+# XLSX through openpyxl, whose zip reader needs the cp437 codec, and a locked-down worker cannot
+# import either lazily. Pass as `SandboxPool(..., preload=SANDBOX_PRELOAD)`.
+SANDBOX_PRELOAD = ("numpy", "pandas", "openpyxl", "encodings.cp437")
+
 # Entities in the corpus per split. Validation and test are smaller, like GAIA's.
 _NUM_COMPANIES = {"train": 300, "validation": 60, "test": 60}
 

@@ -1,0 +1,105 @@
+"""The synthetic suite: reference solutions run in the real sandbox to the stored answers, splits
+share no entities, and generation is deterministic."""
+
+import asyncio
+import collections
+
+import pytest
+
+from toolr1_jax.data import synthetic
+from toolr1_jax.rewards import gaia_scorer
+from toolr1_jax.sandbox import SandboxPool
+from toolr1_jax.tools import search
+
+SEED = 5
+_NUM_FAMILIES = len(synthetic.FAMILIES)
+
+
+def test_every_family_and_level_is_generated():
+    examples = synthetic.generate("train", 2 * _NUM_FAMILIES, SEED)
+    families = collections.Counter(e.metadata["family"] for e in examples)
+    assert families == {name: 2 for name, _, _ in synthetic.FAMILIES}
+    assert {e.level for e in examples} == {1, 2, 3}
+    for e in examples:
+        assert e.level == synthetic.FAMILY_LEVELS[e.metadata["family"]]
+        solution = e.metadata["solution"]
+        assert solution and "final_answer(" in solution[-1]
+        assert not any("final_answer(" in code for code in solution[:-1])
+    level1 = synthetic.generate("validation", 20, SEED, levels=(1,))
+    assert {e.level for e in level1} == {1}
+    # Level-1 tasks stay short: at most two turns of a few lines, a one-line question.
+    for e in level1:
+        assert len(e.metadata["solution"]) <= 2 and len(e.question) < 120
+        assert all(code.count("\n") <= 3 for code in e.metadata["solution"])
+
+
+def test_same_seed_same_tasks_and_prefix_stable():
+    a = synthetic.generate("test", 30, SEED)
+    assert a == synthetic.generate("test", 30, SEED)  # byte-identical attachments included
+    assert synthetic.generate("test", 10, SEED) == a[:10]
+    b = synthetic.generate("test", 30, SEED + 1)
+    assert [e.question for e in a] != [e.question for e in b]
+    assert synthetic.corpus(SEED) == synthetic.corpus(SEED)
+    assert synthetic.corpus(SEED) != synthetic.corpus(SEED + 1)
+
+
+def test_splits_share_no_entities():
+    corpus_titles = {d["title"] for d in synthetic.corpus(SEED)}
+    entities = {}
+    for split in synthetic.SPLITS:
+        examples = synthetic.generate(split, 120, SEED)
+        entities[split] = {name for e in examples for name in e.metadata["entities"]}
+        assert entities[split]
+        for e in examples:
+            if e.metadata["family"].startswith("search"):
+                # What a search task asks about is in the shared corpus.
+                assert set(e.metadata["entities"]) <= corpus_titles
+    for i, first in enumerate(synthetic.SPLITS):
+        for second in synthetic.SPLITS[i + 1 :]:
+            assert not entities[first] & entities[second], (first, second)
+    # The generated words themselves are disjoint too (names share only fixed suffixes like
+    # "Labs" or "Kettle", which are not words of any name generator).
+    words = {s: {w for name in entities[s] for w in name.split()} for s in entities}
+    fixed = set(synthetic._SUFFIXES) | {k for ks in synthetic._INDUSTRIES.values() for k in ks}
+    assert not (words["train"] & words["test"]) - fixed
+    assert not (words["train"] & words["validation"]) - fixed
+    assert not (words["validation"] & words["test"]) - fixed
+
+
+async def _run_solution(pool, example):
+    session = await pool.open(files=dict(example.files))
+    try:
+        return [await session.run(code) for code in example.metadata["solution"]]
+    finally:
+        await session.close()
+
+
+@pytest.mark.timeout(300)
+async def test_reference_solutions_reach_the_stored_answer_in_the_sandbox():
+    # One task of every family from each of two splits: all levels, files, search and code.
+    sample = synthetic.generate("train", _NUM_FAMILIES, SEED) + synthetic.generate(
+        "test", _NUM_FAMILIES, SEED
+    )
+    assert {e.level for e in sample} == {1, 2, 3}
+    tool = search.make_search_tool(synthetic.corpus(SEED))
+    pool = SandboxPool(
+        num_workers=2,
+        timeout_s=60,
+        memory_mb=2048,
+        tools=[tool],
+        preload=synthetic.SANDBOX_PRELOAD,
+    )
+    async with pool:
+        runs = await asyncio.gather(*(_run_solution(pool, e) for e in sample))
+    for example, results in zip(sample, runs, strict=True):
+        where = f"{example.task_id}: {example.question}"
+        for r in results:
+            assert r.status == "ok" and r.error is None, (where, r)
+        assert all(r.final_answer is None for r in results[:-1]), where
+        final = results[-1].final_answer
+        assert final is not None, where
+        assert gaia_scorer.question_scorer(final, example.answer), (where, final, example.answer)
+        # Values the last turn copies from earlier observations really are in them.
+        observed = "\n".join(r.stdout for r in results[:-1])
+        for fact in example.metadata["facts"]:
+            assert fact in observed, (where, fact, observed)

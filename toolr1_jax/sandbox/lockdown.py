@@ -6,6 +6,7 @@ what to fall back to. Python 3.11 has no `os.unshare`/`os.setns`, hence ctypes o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -15,6 +16,7 @@ import resource
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
 
+_PR_SET_KEEPCAPS = 8
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
 
@@ -27,6 +29,8 @@ _LANDLOCK_RULE_PATH_BENEATH = 1
 
 _FS_EXECUTE = 1 << 0
 _FS_WRITE_FILE = 1 << 1
+_FS_READ_FILE = 1 << 2
+_FS_READ_DIR = 1 << 3
 _FS_REMOVE_DIR = 1 << 4
 _FS_REMOVE_FILE = 1 << 5
 _FS_MAKE_CHAR = 1 << 6
@@ -93,10 +97,10 @@ def landlock_abi() -> int:
     return max(int(ret), 0)
 
 
-def landlock_confine(writable_dir: str, abi: int) -> None:
-    """Deny, for this process and its future children: writes outside `writable_dir`, executing
-    any file, TCP bind/connect (ABI >= 4), and signals or abstract sockets that leave the domain
-    (ABI >= 6). Reads stay allowed (uids and audit hooks cover what must not be read).
+def landlock_confine(writable_dir: str, abi: int, readable_dirs: list[str] | None) -> None:
+    """Deny, for this process and its future children: writes outside `writable_dir`, reads
+    outside it and `readable_dirs` (unless that is None: reads unrestricted), executing any file,
+    TCP bind/connect (ABI >= 4), and signals or abstract sockets that leave the domain (ABI >= 6).
 
     The caller must have set no_new_privs (or hold CAP_SYS_ADMIN).
     """
@@ -118,7 +122,8 @@ def landlock_confine(writable_dir: str, abi: int) -> None:
         write_rights |= _FS_REFER
     if abi >= 3:
         write_rights |= _FS_TRUNCATE
-    attr = _RulesetAttr(handled_access_fs=write_rights | _FS_EXECUTE)
+    read_rights = _FS_READ_FILE | _FS_READ_DIR if readable_dirs is not None else 0
+    attr = _RulesetAttr(handled_access_fs=write_rights | read_rights | _FS_EXECUTE)
     size = 8
     if abi >= 4:
         attr.handled_access_net = _NET_BIND_TCP | _NET_CONNECT_TCP
@@ -134,21 +139,10 @@ def landlock_confine(writable_dir: str, abi: int) -> None:
     )
     _check(ruleset_fd, "landlock_create_ruleset")
     try:
-        dir_fd = os.open(writable_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            rule = _PathBeneathAttr(allowed_access=write_rights, parent_fd=dir_fd)
-            _check(
-                _libc.syscall(
-                    ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
-                    ctypes.c_int(ruleset_fd),
-                    ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
-                    ctypes.byref(rule),
-                    ctypes.c_uint32(0),
-                ),
-                "landlock_add_rule",
-            )
-        finally:
-            os.close(dir_fd)
+        _add_path_rule(ruleset_fd, writable_dir, write_rights | read_rights)
+        for path in readable_dirs or ():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                _add_path_rule(ruleset_fd, path, read_rights)
         _check(
             _libc.syscall(
                 ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF),
@@ -159,6 +153,24 @@ def landlock_confine(writable_dir: str, abi: int) -> None:
         )
     finally:
         os.close(ruleset_fd)
+
+
+def _add_path_rule(ruleset_fd: int, path: str, rights: int) -> None:
+    dir_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        rule = _PathBeneathAttr(allowed_access=rights, parent_fd=dir_fd)
+        _check(
+            _libc.syscall(
+                ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
+                ctypes.c_int(ruleset_fd),
+                ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+                ctypes.byref(rule),
+                ctypes.c_uint32(0),
+            ),
+            "landlock_add_rule",
+        )
+    finally:
+        os.close(dir_fd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,10 +210,36 @@ def apply_rlimits(limits: Limits) -> None:
     set_limit(resource.RLIMIT_AS, virtual_memory_bytes() + limits.memory_mb * 2**20)
 
 
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become an unprivileged, per-session user: loses every capability (so namespaces cannot be
-    left), cannot signal or ptrace other users' processes, and cannot read root-only files such as
-    another process's /proc/<pid>/environ."""
+_CAP_DAC_READ_SEARCH = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_privileges(uid: int, gid: int, keep_read_search: bool) -> None:
+    """Become an unprivileged, per-session user: no capability to leave the namespaces, no
+    signalling or ptracing other users' processes (so no reading their /proc/<pid>/environ).
+
+    `keep_read_search` keeps CAP_DAC_READ_SEARCH alone, for interpreters installed where only root
+    may read (e.g. pyenv under /root); Landlock's read allowlist then bounds what it reaches.
+    """
+    if keep_read_search:
+        _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    if keep_read_search:
+        header = _CapHeader(version=_LINUX_CAPABILITY_VERSION_3, pid=0)
+        data = (_CapData * 2)()
+        data[0].effective = data[0].permitted = 1 << _CAP_DAC_READ_SEARCH
+        _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")

@@ -316,13 +316,14 @@ def _worker_main(req: dict, init: dict, caps: dict) -> None:
         limits = lockdown.Limits(**{**req["limits"], "max_processes": 0})
     lockdown.apply_rlimits(limits)
     if uid is not None:
-        lockdown.drop_privileges(uid, uid)
+        # Without Landlock to bound it, read-everything would be worse than a broken import.
+        lockdown.drop_privileges(uid, uid, keep_read_search=caps["landlock_abi"] > 0)
         report["uid"] = uid
     report["landlock"] = False
     try:
         lockdown.set_no_new_privs()
         if caps["landlock_abi"] > 0:
-            lockdown.landlock_confine(wd, caps["landlock_abi"])
+            lockdown.landlock_confine(wd, caps["landlock_abi"], readable_dirs=_readable_dirs())
             report["landlock"] = True
     except OSError:
         pass
@@ -338,6 +339,15 @@ def _worker_main(req: dict, init: dict, caps: dict) -> None:
     report["audit_hooks"] = True
     conn.send({"op": "hello", "token": req["token"], "isolation": report})
     interp.serve()
+
+
+def _readable_dirs() -> list[str]:
+    """What a worker may read besides its working directory: the interpreter, the import path
+    and the system libraries (not /root, /home, /etc or other sessions)."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr", "/lib", "/lib64", "/lib32"}
+    dirs.update(p for p in sys.path if p and os.path.isdir(p))
+    dirs.update(os.path.realpath(p) for p in list(dirs))
+    return sorted(dirs)
 
 
 class _Channel:
@@ -374,6 +384,8 @@ class _BoundedText(io.TextIOBase):
         return True
 
     def write(self, s) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         room = self.limit - self.kept

@@ -429,9 +429,6 @@ class LocalJudge(Judge):
         self.seed = int(seed)
         self.chat_model = serve.ChatModel.load(model_dir, num_slots=num_slots, max_len=max_len)
 
-    def _on_new_loop(self) -> None:
-        self.chat_model.reset_loop()
-
     async def _judge(self, question: str, reference: str, prediction: str) -> Verdict:
         from toolr1_jax import serve
 

@@ -100,7 +100,9 @@ def _all_programs(port: int, canary: pathlib.Path, outside: pathlib.Path) -> dic
             libc + "for _ in range(500):\n    if libc.fork() == 0:\n        while True:\n"
             "            pass\nprint('parent done')",
             {"error", "timeout"},
-            error_has("child processes"),
+            # Either the run ends and its leftover children cost the session its interpreter, or
+            # the spinning children starve it past the deadline and the kill takes them all.
+            lambda r: ("child processes" in r.error or "killed" in r.error) or pytest.fail(r.error),
         ),
         "thread_bomb": (
             "import threading, time\nwhile True:\n"
@@ -318,7 +320,7 @@ async def test_ctypes_fork_bomb_children_do_not_survive(outcome):
     result = outcome["results"]["ctypes_fork_bomb"]
     # Forking is allowed by the kernel up to the process limit, but a run that leaves children
     # behind costs the session its interpreter.
-    assert "child processes" in (result.error or ""), result
+    assert "child processes" in result.error or "killed" in result.error, result
     assert outcome["after"]["ctypes_fork_bomb"].notice, outcome["after"]["ctypes_fork_bomb"]
 
 

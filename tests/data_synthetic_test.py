@@ -25,6 +25,7 @@ def test_every_family_and_level_is_generated():
         solution = e.metadata["solution"]
         assert solution and "final_answer(" in solution[-1]
         assert not any("final_answer(" in code for code in solution[:-1])
+        assert len(e.metadata["thoughts"]) == len(solution)
     level1 = synthetic.generate("validation", 20, SEED, levels=(1,))
     assert {e.level for e in level1} == {1}
     # Level-1 tasks stay short: at most two turns of a few lines, a one-line question.
@@ -66,12 +67,13 @@ def test_splits_share_no_entities():
     assert not (words["validation"] & words["test"]) - fixed
 
 
-async def _run_solution(pool, example):
-    session = await pool.open(files=dict(example.files))
-    try:
-        return [await session.run(code) for code in example.metadata["solution"]]
-    finally:
-        await session.close()
+async def _run_solution(pool, example, open_sessions):
+    async with open_sessions:  # a few processes at a time on a small CI machine
+        session = await pool.open(files=dict(example.files))
+        try:
+            return [await session.run(code) for code in example.metadata["solution"]]
+        finally:
+            await session.close()
 
 
 @pytest.mark.timeout(300)
@@ -90,7 +92,8 @@ async def test_reference_solutions_reach_the_stored_answer_in_the_sandbox():
         preload=synthetic.SANDBOX_PRELOAD,
     )
     async with pool:
-        runs = await asyncio.gather(*(_run_solution(pool, e) for e in sample))
+        open_sessions = asyncio.Semaphore(4)
+        runs = await asyncio.gather(*(_run_solution(pool, e, open_sessions) for e in sample))
     for example, results in zip(sample, runs, strict=True):
         where = f"{example.task_id}: {example.question}"
         for r in results:

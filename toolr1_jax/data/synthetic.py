@@ -736,6 +736,24 @@ FAMILIES: tuple[tuple[str, int, Callable[..., _Draft]], ...] = (
 )
 FAMILY_LEVELS = {name: level for name, level, _ in FAMILIES}
 
+# One short thought per solution turn, for demonstrations in the agent's "Thought: ... <code>"
+# format; {0}, {1} are the names the solution searches for, in order.
+_THOUGHTS = {
+    "arith": ("Compute it in Python.",),
+    "table_agg": ("Filter the table with pandas.",),
+    "search_fact": ("Search for {0}.", "The result gives the answer."),
+    "text_count": ("Count the word in the file.",),
+    "compute": ("Compute it with a short program.",),
+    "table_groupby": ("Look at the table first.", "Group by city and compare."),
+    "table_dates": ("Look at the table first.", "Parse the dates and compute."),
+    "json_filter": ("Look at the records first.", "Filter the team's members."),
+    "search_two_hop": ("Search for {0}.", "Now search for {1}.", "The result gives the answer."),
+    "table_join": ("Look at both tables first.", "Join them and filter by year."),
+    "search_compute": ("Search for {0}.", "Now search for {1}.", "Compute the difference."),
+    "file_search": ("Find the company in the table.", "Search for {0}.", "The result gives it."),
+}
+_SEARCHED = re.compile(r'print\(search\("([^"]*)"\)\)')
+
 
 def _answer_text(value: object) -> str:
     if isinstance(value, float):
@@ -755,6 +773,9 @@ def generate(
 
     Families take turns, so every family appears once `num_tasks` reaches their count; `levels`
     or `families` restrict the mix (e.g. `levels=(1,)` for a tiny model's first curriculum).
+    Metadata: "family"; "solution" (code per turn, the last calls `final_answer`); "thoughts"
+    (one short sentence per turn); "facts" (values the solution copies from observations);
+    "entities" (the fictional names the task mentions).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}")
@@ -776,6 +797,9 @@ def generate(
         # One RNG per task keyed by its identity: a task does not change when num_tasks does.
         rng = random.Random(f"toolr1-synthetic:{seed}:{split}:{name}:{i}")
         draft = make(rng, world, _Words(rng, seed, split))
+        searched = [m for code in draft.solution for m in _SEARCHED.findall(code)]
+        thoughts = [t.format(*searched) for t in _THOUGHTS[name]]
+        assert len(thoughts) == len(draft.solution), name
         examples.append(
             types.Example(
                 task_id=f"syn-{seed}-{split}-{i:06d}-{name}",
@@ -787,6 +811,7 @@ def generate(
                     "source": "synthetic",
                     "family": name,
                     "solution": draft.solution,
+                    "thoughts": thoughts,
                     "facts": draft.facts,
                     "entities": sorted(set(draft.entities)),
                 },

@@ -1,0 +1,249 @@
+"""GRPO math as pure `jnp` functions: group advantages, token log-probs, the clipped loss.
+
+Alignment used everywhere here: per-token arrays are indexed by token position, like
+`Trajectory.loss_mask` and `Trajectory.behaviour_logprobs`. `logp[:, t]` is the log-prob of
+`tokens[:, t]` given `tokens[:, :t]`; position 0 has no prediction and holds 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS = ("k2", "k3")
+
+# Metric names by how micro-batch values combine: token-weighted mean, min, or max.
+MIN_METRICS = ("ratio_min",)
+MAX_METRICS = ("ratio_max", "is_weight_max")
+
+
+def group_advantages(rewards, group_size: int, *, scale: bool = True, eps: float = 1e-6):
+    """Per-group baseline: rewards [B] with groups of `group_size` contiguous rows -> [B] float32.
+
+    `(r - mean) / (std + eps)` with the population std of the group, or `r - mean` when
+    `scale=False` (Dr. GRPO).
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {rewards.shape}.")
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"The number of rewards ({rewards.shape[0]}) must be a positive multiple of "
+            f"group_size ({group_size})."
+        )
+    r = rewards.reshape(-1, group_size)  # [B/G, G]
+    centred = r - r.mean(axis=1, keepdims=True)
+    if scale:
+        centred = centred / (r.std(axis=1, keepdims=True) + eps)
+    return centred.reshape(-1)
+
+
+def _check_temperature(temperature):
+    if isinstance(temperature, int | float) and temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+
+
+def _next_token_stats(
+    head_fn: Callable, x, tokens, temperature, chunk_size: int, with_entropy: bool
+):
+    """Log-probs (and entropies) of `tokens` at their own positions from inputs x [B, T, ...].
+
+    `head_fn(x_chunk) -> logits [B, C, V]` runs on one chunk of C positions at a time under
+    `jax.checkpoint`, so neither the forward nor the backward pass holds [B, T, V] whole.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    _check_temperature(temperature)
+    b, t = tokens.shape
+    if x.shape[:2] != (b, t):
+        raise ValueError(f"Inputs {x.shape} and tokens {tokens.shape} disagree on [B, T].")
+    # Row t of x predicts token t + 1; the last row predicts nothing (target 0, dropped below).
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = n * c - t
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    xs = x.reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
+    ts = targets.reshape(b, n, c).swapaxes(0, 1)  # [n, B, C]
+
+    @jax.checkpoint
+    def chunk(args):
+        xc, tc = args
+        logits = head_fn(xc).astype(jnp.float32) / temperature  # [B, C, V]
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
+        if not with_entropy:
+            return lp, jnp.zeros_like(lp)
+        probs = jnp.exp(logits - logz[..., None])
+        ent = jax.lax.stop_gradient(logz - jnp.sum(probs * logits, axis=-1))
+        return lp, ent
+
+    lp, ent = jax.lax.map(chunk, (xs, ts))  # [n, B, C] each
+
+    def align(v):
+        v = v.swapaxes(0, 1).reshape(b, n * c)[:, : t - 1]
+        return jnp.pad(v, ((0, 0), (1, 0)))
+
+    return align(lp), align(ent)
+
+
+def token_logprobs(logits, tokens, temperature, *, chunk_size: int = 256):
+    """float32 log-softmax(logits / temperature) at the sampled tokens: [B, T, V], [B, T] -> [B, T].
+
+    Output is aligned to token positions (`out[:, t] = log p(tokens[t] | tokens[:t])`, out[:, 0]
+    = 0). The float32 softmax is formed `chunk_size` positions at a time.
+    """
+    lp, _ = _next_token_stats(lambda c: c, logits, tokens, temperature, chunk_size, False)
+    return lp
+
+
+def sequence_logprobs(
+    model,
+    tokens,
+    positions,
+    attn_mask,
+    temperature,
+    *,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+):
+    """Token log-probs [B, T] of a batch under an NNX `Transformer`, same alignment as above.
+
+    Runs the trunk once and the LM head per chunk of `chunk_size` positions. With
+    `with_entropy=True` returns `(logp, entropy)`, the entropy (stop-gradient) of the
+    distribution each token was drawn from.
+    """
+    hidden, _ = model.hidden_states(tokens, positions, attn_mask=attn_mask)  # [B, T, D]
+    lp, ent = _next_token_stats(model.logits, hidden, tokens, temperature, chunk_size, with_entropy)
+    return (lp, ent) if with_entropy else lp
+
+
+def kl_penalty(logp, ref_logp, estimator: str):
+    """Per-token estimate of KL(pi_theta || pi_ref) from samples; k1 is deliberately absent."""
+    if estimator == "k3":
+        d = ref_logp - logp
+        return jnp.exp(d) - d - 1.0
+    if estimator == "k2":
+        return 0.5 * jnp.square(logp - ref_logp)
+    raise ValueError(f"Unknown kl_estimator {estimator!r}; expected one of {KL_ESTIMATORS}.")
+
+
+def grpo_loss(
+    logp,
+    prox_logp,
+    behaviour_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    clip_low: float,
+    clip_high: float,
+    is_cap: float,
+    beta: float,
+    kl_estimator: str,
+    aggregation: str,
+    entropy=None,
+):
+    """Decoupled clipped GRPO objective: returns `(loss_sum, denominator, metrics)`.
+
+    Per token, with `r = exp(logp - prox_logp)` and `w = min(exp(prox_logp - behaviour_logp),
+    is_cap)` held constant:
+        w * max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) + beta * KL
+    The loss is `loss_sum / denominator`; both are returned so that gradient accumulation sums
+    each over micro-batches and divides once. Aggregations:
+      token_mean:               sum over tokens / number of tokens
+      seq_mean_token_mean:      sum over sequences of (token mean) / number of sequences
+      seq_mean_token_sum_norm:  sum over sequences of (token sum / T) / number of sequences,
+                                T the padded length (Dr. GRPO's constant normaliser)
+    Sequences without loss tokens do not count. All per-token arrays are [B, T]; `advantages`
+    is [B] (one per sequence) or [B, T]; `ref_logp` may be None when `beta == 0`.
+    Metrics are token means over the masked tokens, except `*_min`/`*_max`, and `num_tokens`.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"Unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}.")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"Unknown kl_estimator {kl_estimator!r}; expected one of {KL_ESTIMATORS}.")
+    if beta < 0 or clip_low < 0 or clip_high < 0 or is_cap <= 0:
+        raise ValueError(
+            f"Need beta >= 0, clip_low >= 0, clip_high >= 0 and is_cap > 0; got beta={beta}, "
+            f"clip_low={clip_low}, clip_high={clip_high}, is_cap={is_cap}."
+        )
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs reference log-probs (ref_logp is None).")
+    named = {"prox_logp": prox_logp, "behaviour_logp": behaviour_logp, "mask": mask}
+    if ref_logp is not None:
+        named["ref_logp"] = ref_logp
+    if entropy is not None:
+        named["entropy"] = entropy
+    for name, v in named.items():
+        if v.shape != logp.shape:
+            raise ValueError(f"{name} has shape {v.shape}, expected logp's shape {logp.shape}.")
+    if logp.ndim != 2:
+        raise ValueError(f"Per-token inputs must be [B, T], got {logp.shape}.")
+    advantages = jnp.asarray(advantages, jnp.float32)
+    if advantages.shape == logp.shape[:1]:
+        advantages = advantages[:, None]
+    elif advantages.shape != logp.shape:
+        raise ValueError(f"advantages must be [B] or [B, T], got {advantages.shape}.")
+
+    f32 = jnp.float32
+    logp = logp.astype(f32)
+    prox_logp = jax.lax.stop_gradient(prox_logp.astype(f32))
+    behaviour_logp = behaviour_logp.astype(f32)
+    mask = mask.astype(f32)
+
+    ratio = jnp.exp(logp - prox_logp)
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = jnp.maximum(-advantages * ratio, -advantages * clipped)
+    # Masked positions may hold arbitrary log-probs; zero their weight before exp overflows.
+    log_w = jnp.where(mask > 0, prox_logp - behaviour_logp, 0.0)
+    is_weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), is_cap))
+    per_token = is_weight * pg
+    kl = None
+    if ref_logp is not None:
+        kl = kl_penalty(logp, jax.lax.stop_gradient(ref_logp.astype(f32)), kl_estimator)
+        if beta > 0:
+            per_token = per_token + beta * kl
+
+    tokens_per_seq = mask.sum(axis=-1)  # [B]
+    num_seqs = (tokens_per_seq > 0).sum().astype(f32)
+    seq_sums = (per_token * mask).sum(axis=-1)  # [B]
+    if aggregation == "token_mean":
+        loss_sum, denominator = seq_sums.sum(), tokens_per_seq.sum()
+    elif aggregation == "seq_mean_token_mean":
+        loss_sum, denominator = (seq_sums / jnp.maximum(tokens_per_seq, 1.0)).sum(), num_seqs
+    else:
+        loss_sum, denominator = seq_sums.sum() / logp.shape[-1], num_seqs
+
+    num_tokens = tokens_per_seq.sum()
+    n = jnp.maximum(num_tokens, 1.0)
+
+    def mean(v):
+        return jax.lax.stop_gradient((v * mask).sum() / n)
+
+    valid = mask > 0
+    ratio_sg = jax.lax.stop_gradient(ratio)
+    metrics = {
+        "num_tokens": num_tokens,
+        # Tokens whose gradient the clip removed: the pessimistic branch is the clipped one.
+        "clip_frac_low": mean(((ratio_sg < 1.0 - clip_low) & (advantages < 0)).astype(f32)),
+        "clip_frac_high": mean(((ratio_sg > 1.0 + clip_high) & (advantages > 0)).astype(f32)),
+        "ratio_mean": mean(ratio_sg),
+        "ratio_min": jnp.min(jnp.where(valid, ratio_sg, jnp.inf)),
+        "ratio_max": jnp.max(jnp.where(valid, ratio_sg, -jnp.inf)),
+        "is_weight_mean": mean(is_weight),
+        "is_weight_max": jnp.max(jnp.where(valid, is_weight, -jnp.inf)),
+        "is_capped_frac": mean((jnp.exp(log_w) > is_cap).astype(f32)),
+        # Sampler-vs-trainer mismatch: mean |log pi_prox - log pi_behaviour| over sampled tokens.
+        "logp_gap": mean(jnp.abs(log_w)),
+        "pg_loss": mean(pg),
+    }
+    if kl is not None:
+        metrics["kl"] = mean(kl)
+    if entropy is not None:
+        metrics["entropy"] = mean(entropy.astype(f32))
+    return loss_sum, denominator, metrics

@@ -9,6 +9,7 @@ cross the channel as JSON).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import keyword
 import textwrap
@@ -26,6 +27,24 @@ class Tool:
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        # `@tool` rebinds the function's module-level name to this Tool, so the function itself no
+        # longer pickles by reference; the Tool does, under that same name.
+        module, qualname = (
+            getattr(self.fn, "__module__", None),
+            getattr(self.fn, "__qualname__", ""),
+        )
+        if module and "<locals>" not in qualname and _lookup(module, qualname) is self:
+            return _lookup, (module, qualname)
+        return Tool, (self.name, self.signature, self.doc, self.fn, self.host)
+
+
+def _lookup(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _signature_text(name: str, fn: Callable[..., Any]) -> str:

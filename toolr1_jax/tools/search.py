@@ -55,7 +55,8 @@ class Bm25Search:
             import rank_bm25
 
             corpus = [tokenize(f"{d['title']} {d['text']}") for d in self.documents]
-            self._index = rank_bm25.BM25Okapi(corpus)
+            # BM25+ keeps idf positive, so a term found in half of a small corpus still counts.
+            self._index = rank_bm25.BM25Plus(corpus)
 
     def rank(self, query: str, k: int) -> list[tuple[int, float]]:
         """(document index, score) of the top-k documents with a positive score, best first."""
@@ -64,8 +65,11 @@ class Bm25Search:
         if not terms:
             return []
         scores = self._index.get_scores(terms)
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
-        return [(i, float(scores[i])) for i in order if scores[i] > 0]
+        # BM25+ gives every document a floor score; only documents with a query term qualify.
+        freqs = self._index.doc_freqs
+        matching = [i for i in range(len(scores)) if any(t in freqs[i] for t in terms)]
+        order = sorted(matching, key=lambda i: (-scores[i], i))[:k]
+        return [(i, float(scores[i])) for i in order]
 
     def __call__(self, query: str, k: int = 5) -> str:
         if not isinstance(query, str) or not query.strip():

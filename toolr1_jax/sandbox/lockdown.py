@@ -141,8 +141,10 @@ def landlock_confine(writable_dir: str, abi: int, readable_dirs: list[str] | Non
     try:
         _add_path_rule(ruleset_fd, writable_dir, write_rights | read_rights)
         for path in readable_dirs or ():
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                _add_path_rule(ruleset_fd, path, read_rights)
+            # A plain file gets file rights only (the kernel rejects directory rights on files).
+            rights = read_rights if os.path.isdir(path) else _FS_READ_FILE
+            with contextlib.suppress(FileNotFoundError):
+                _add_path_rule(ruleset_fd, path, rights)
         _check(
             _libc.syscall(
                 ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF),
@@ -156,7 +158,7 @@ def landlock_confine(writable_dir: str, abi: int, readable_dirs: list[str] | Non
 
 
 def _add_path_rule(ruleset_fd: int, path: str, rights: int) -> None:
-    dir_fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dir_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=dir_fd)
         _check(

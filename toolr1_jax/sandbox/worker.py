@@ -345,7 +345,9 @@ def _readable_dirs() -> list[str]:
     """What a worker may read besides its working directory: the interpreter, the import path
     and the system libraries (not /root, /home, /etc or other sessions)."""
     dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr", "/lib", "/lib64", "/lib32"}
-    dirs.update(p for p in sys.path if p and os.path.isdir(p))
+    # Public system tables that libraries read lazily (mimetypes, time zones).
+    dirs.update(["/etc/mime.types", "/etc/localtime", "/etc/timezone"])
+    dirs.update(p for p in sys.path if p and os.path.exists(p))
     dirs.update(os.path.realpath(p) for p in list(dirs))
     return sorted(dirs)
 

@@ -1,0 +1,652 @@
+"""Rollout engine: jitted prefill and decode over a slot-based KV cache (continuous batching).
+
+The engine owns a fixed number of slots over one contiguous cache `[L, slots, max_len, K, H]`.
+The host adds a sequence to a free slot, lets the device decode every active slot in chunks, reads
+what stopped slots generated (tokens, log-probs, finish reason), appends observations to stopped
+slots without re-reading their history, and releases slots. `generate` is a batch call on top.
+
+Each slot keeps its newest token *pending*: sampled (or given) but not yet in the cache. Decode
+feeds the pending token and samples the next one; prefill writes a prompt minus its last token,
+and an append writes the pending token plus the observation minus its last token. So positions
+are always `cache length`, and every sampling step goes through the one decode program.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from toolr1_jax.models import model as model_lib
+
+_NOT_FINISHED, _FINISH_STOP, _FINISH_LENGTH = 0, 1, 2
+_FINISH_NAMES = {_FINISH_STOP: "stop", _FINISH_LENGTH: "length"}
+_PAD_ID = -1  # pads stop-id and stop-sequence tables; never equals a real token id
+_MIN_PREFILL_BUCKET = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Host records
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is sampled.
+
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Generation stops on any
+    id in `stop_token_ids` or when the generated tokens end with one of `stop_sequences`
+    (finish reason "stop"), or after `max_new_tokens` (finish reason "length"). The random stream
+    of a sequence depends only on `seed` and token positions, so two sequences that share a seed
+    and a prompt sample the same tokens.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        # Accept lists from callers but store tuples so the record stays hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(
+            self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
+        )
+        if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}."
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}.")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}.")
+        for s in self.stop_sequences:
+            if not s:
+                raise ValueError("stop_sequences must not contain an empty sequence.")
+            if any(t < 0 for t in s):
+                raise ValueError(f"stop sequence token ids must be >= 0, got {s}.")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """What `generate` returns for one prompt."""
+
+    tokens: np.ndarray  # [n] int32, stop tokens included
+    logprobs: np.ndarray  # [n] float32
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotOutput:
+    """What a slot generated since its last add/append, returned by `Engine.step` when it stops."""
+
+    slot: int
+    tokens: np.ndarray  # [n] int32, stop tokens included
+    logprobs: np.ndarray  # [n] float32
+    finish_reason: str  # "stop" or "length"
+
+
+class _Status(enum.Enum):
+    FREE = enum.auto()
+    DECODING = enum.auto()  # prefill queued or decoding on the device
+    STOPPED = enum.auto()  # live, waiting for append or release
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingPrefill:
+    slot: int
+    tokens: tuple[int, ...]  # written into the cache
+    next_token: int  # becomes the pending token
+    reset: bool  # True for `add` (cache starts empty), False for `append`
+    sampling: SamplingParams
+
+
+# ----------------------------------------------------------------------------------------------
+# Device state
+# ----------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class SlotSampling:
+    """Per-slot sampling settings as fixed-shape arrays, so any mix shares one program."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, 0 = off
+    top_p: jax.Array  # [B] float32
+    max_new_tokens: jax.Array  # [B] int32
+    seed: jax.Array  # [B] uint32
+    stop_ids: jax.Array  # [B, E] int32, padded with -1
+    stop_seqs: jax.Array  # [B, M, W] int32, right-aligned, left-padded with -1
+
+
+@struct.dataclass
+class EngineState:
+    cache: model_lib.KVCache  # lengths [B] = tokens in the cache (the pending one excluded)
+    next_token: jax.Array  # [B] int32, the pending token
+    active: jax.Array  # [B] bool, still decoding
+    finish_reason: jax.Array  # [B] int32
+    num_generated: jax.Array  # [B] int32, since the last add/append
+    gen_tokens: jax.Array  # [B, S] int32
+    gen_logprobs: jax.Array  # [B, S] float32
+    sampling: SlotSampling
+
+
+def sample_tokens(logits, temperature, top_k, top_p, keys):
+    """Samples one token per row and returns (tokens [B] int32, logprobs [B] float32).
+
+    logits [B, V]; temperature, top_k, top_p [B]; keys [B] typed PRNG keys. Rows with temperature
+    0 take the argmax. Log-probs come from the full-vocabulary log-softmax of logits / temperature
+    (temperature 1 for greedy rows), before top-k/top-p, which is what the trainer recomputes.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    greedy = temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]  # [B, V]
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
+
+    def truncate(scaled):
+        # top-k first, then top-p over the renormalised top-k set (the order HF and vLLM use).
+        desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        in_k = jnp.arange(vocab)[None, :] < k[:, None]
+        probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # top_p = 1 keeps everything even when float cumsums reach 1 early.
+        keep = in_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0))
+        num_keep = jnp.maximum(keep.sum(axis=-1), 1)
+        threshold = jnp.take_along_axis(desc, (num_keep - 1)[:, None], axis=-1)  # [B, 1]
+        return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+    # The full-vocab sort is the costly part; skip it when no sampled row filters.
+    needs_filter = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+    filtered = jax.lax.cond(needs_filter, truncate, lambda x: x, scaled)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
+
+def _slot_keys(seed, position):
+    """A key per slot from its own seed and the position of the token being sampled."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine
+# ----------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Slot-based rollout engine over an NNX `Transformer`.
+
+    Host API (synchronous, single-threaded): `add`, `append`, `step`, `release`,
+    `num_free_slots`, `set_params`, and `generate` on top of them. Prefills queued by `add` and
+    `append` run batched at the start of the next `step`.
+    """
+
+    def __init__(
+        self,
+        model: model_lib.Transformer,
+        *,
+        num_slots: int,
+        max_len: int,
+        max_stop_ids: int = 8,
+        max_stop_sequences: int = 4,
+        max_stop_len: int = 16,
+    ):
+        for name, value in (
+            ("num_slots", num_slots),
+            ("max_len", max_len),
+            ("max_stop_ids", max_stop_ids),
+            ("max_stop_sequences", max_stop_sequences),
+            ("max_stop_len", max_stop_len),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if max_len < 2:
+            raise ValueError("max_len must be >= 2 (a prompt token and a generated one).")
+        self.config = model.config
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.max_stop_ids = max_stop_ids
+        self.max_stop_sequences = max_stop_sequences
+        self.max_stop_len = max_stop_len
+        self._graphdef, self._params = nnx.split(model)
+        self._state = self._init_state(model.dtype)
+        # Counts traces (each one a compilation) so tests can check steady state never recompiles.
+        self.num_compilations = 0
+        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
+
+        self._status = [_Status.FREE] * num_slots
+        self._sampling: list[SamplingParams | None] = [None] * num_slots
+        self._lengths = np.zeros(num_slots, np.int64)  # host mirror of the cache lengths
+        self._last_token = np.zeros(num_slots, np.int64)  # host mirror of the pending token
+        self._queued: dict[int, _PendingPrefill] = {}
+
+    # -- public host API ------------------------------------------------------------------------
+
+    @property
+    def num_free_slots(self) -> int:
+        return sum(s is _Status.FREE for s in self._status)
+
+    @property
+    def params(self) -> nnx.State:
+        return self._params
+
+    def set_params(self, state: nnx.State) -> None:
+        """Uses `state` (same structure as `nnx.split(model)[1]`) from now on.
+
+        Arrays already on the engine's devices are used as they are (no copy); others are moved.
+        """
+        old_leaves, old_tree = jax.tree.flatten(self._params)
+        new_leaves, new_tree = jax.tree.flatten(state)
+        if old_tree != new_tree:
+            raise ValueError(
+                "set_params: the new state's structure differs from the engine's model "
+                f"({new_tree} vs {old_tree})."
+            )
+        for old, new in zip(old_leaves, new_leaves, strict=True):
+            if old.shape != new.shape or old.dtype != new.dtype:
+                raise ValueError(
+                    f"set_params: a parameter of shape {old.shape} {old.dtype} was given as "
+                    f"{new.shape} {new.dtype}."
+                )
+        moved = [
+            new
+            if isinstance(new, jax.Array) and new.sharding == old.sharding
+            else jax.device_put(new, old.sharding)
+            for old, new in zip(old_leaves, new_leaves, strict=True)
+        ]
+        self._params = jax.tree.unflatten(new_tree, moved)
+
+    def add(self, tokens: Sequence[int], sampling: SamplingParams) -> int:
+        """Puts a prompt in a free slot and returns the slot id; it decodes from the next step."""
+        tokens = self._check_tokens(tokens, "prompt")
+        if not tokens:
+            raise ValueError("add: the prompt is empty.")
+        if len(tokens) >= self.max_len:
+            raise ValueError(
+                f"add: the prompt has {len(tokens)} tokens; a slot holds max_len={self.max_len} "
+                "tokens including at least one generated."
+            )
+        self._check_sampling(sampling)
+        free = [i for i, s in enumerate(self._status) if s is _Status.FREE]
+        if not free:
+            raise RuntimeError(f"add: all {self.num_slots} slots are in use; release one first.")
+        slot = free[0]
+        self._queued[slot] = _PendingPrefill(slot, tokens[:-1], tokens[-1], True, sampling)
+        self._status[slot] = _Status.DECODING
+        self._sampling[slot] = sampling
+        return slot
+
+    def append(
+        self, slot: int, tokens: Sequence[int], sampling: SamplingParams | None = None
+    ) -> None:
+        """Appends tokens (an observation) to a stopped slot, which then decodes again.
+
+        The slot gets a fresh `max_new_tokens` budget; `sampling` replaces its settings if given.
+        """
+        self._check_slot(slot, "append")
+        if self._status[slot] is not _Status.STOPPED:
+            raise ValueError(
+                f"append: slot {slot} is still decoding; append only after step() returned it."
+            )
+        tokens = self._check_tokens(tokens, "appended tokens")
+        total = int(self._lengths[slot]) + 1 + len(tokens)  # cache + pending + new
+        if total >= self.max_len:
+            raise ValueError(
+                f"append: slot {slot} holds {int(self._lengths[slot]) + 1} tokens; appending "
+                f"{len(tokens)} more and generating one would exceed max_len={self.max_len}."
+            )
+        if sampling is None:
+            sampling = self._sampling[slot]
+        self._check_sampling(sampling)
+        seq = (int(self._last_token[slot]), *tokens)
+        self._queued[slot] = _PendingPrefill(slot, seq[:-1], seq[-1], False, sampling)
+        self._status[slot] = _Status.DECODING
+        self._sampling[slot] = sampling
+
+    def release(self, slot: int) -> None:
+        """Frees a live slot (stopped or still decoding)."""
+        self._check_slot(slot, "release")
+        self._queued.pop(slot, None)
+        self._status[slot] = _Status.FREE
+        self._sampling[slot] = None
+
+    def step(self, max_steps: int) -> list[SlotOutput]:
+        """Runs queued prefills, then up to `max_steps` decode steps over every decoding slot.
+
+        Returns the slots that stopped in this chunk; they stay live until `release`.
+        """
+        if not isinstance(max_steps, int | np.integer) or max_steps < 1:
+            raise ValueError(f"step: max_steps must be an integer >= 1, got {max_steps!r}.")
+        self._run_prefills()
+        decoding = np.array([s is _Status.DECODING for s in self._status])
+        if not decoding.any():
+            return []
+        self._state = self._decode_fn(self._params, self._state, decoding, np.int32(max_steps))
+        active, finish, num_gen, lengths = jax.device_get(
+            (
+                self._state.active,
+                self._state.finish_reason,
+                self._state.num_generated,
+                self._state.cache.lengths,
+            )
+        )
+        self._lengths[:] = lengths
+        stopped = np.flatnonzero(decoding & ~active)
+        if not len(stopped):
+            return []
+        gen_tokens, gen_logprobs = jax.device_get(
+            (self._state.gen_tokens, self._state.gen_logprobs)
+        )
+        outputs = []
+        for slot in stopped.tolist():
+            n = int(num_gen[slot])
+            self._status[slot] = _Status.STOPPED
+            self._last_token[slot] = gen_tokens[slot, n - 1]
+            outputs.append(
+                SlotOutput(
+                    slot=slot,
+                    tokens=gen_tokens[slot, :n].copy(),
+                    logprobs=gen_logprobs[slot, :n].copy(),
+                    finish_reason=_FINISH_NAMES[int(finish[slot])],
+                )
+            )
+        return outputs
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams],
+        *,
+        chunk_steps: int = 32,
+    ) -> list[Completion]:
+        """One completion per prompt, refilling freed slots when there are more prompts than slots.
+
+        `sampling` is one `SamplingParams` for all prompts or one per prompt (pass distinct
+        seeds to draw distinct samples for repeated prompts). Needs an idle engine.
+        """
+        if self.num_free_slots != self.num_slots:
+            raise RuntimeError("generate: needs an idle engine, but some slots are live.")
+        if isinstance(sampling, SamplingParams):
+            per_prompt = [sampling] * len(prompts)
+        else:
+            per_prompt = list(sampling)
+            if len(per_prompt) != len(prompts):
+                raise ValueError(
+                    f"generate: got {len(per_prompt)} SamplingParams for {len(prompts)} prompts."
+                )
+        # Check everything first so a bad prompt fails before any work starts.
+        for i, (prompt, params) in enumerate(zip(prompts, per_prompt, strict=True)):
+            tokens = self._check_tokens(prompt, f"prompt {i}")
+            if not tokens or len(tokens) >= self.max_len:
+                raise ValueError(
+                    f"generate: prompt {i} has {len(tokens)} tokens; prompts need 1 to "
+                    f"max_len - 1 = {self.max_len - 1} tokens."
+                )
+            self._check_sampling(params)
+
+        results: list[Completion | None] = [None] * len(prompts)
+        todo = collections.deque(range(len(prompts)))
+        owner: dict[int, int] = {}  # slot -> prompt index
+        try:
+            while todo or owner:
+                while todo and self.num_free_slots:
+                    i = todo.popleft()
+                    owner[self.add(prompts[i], per_prompt[i])] = i
+                for out in self.step(chunk_steps):
+                    results[owner.pop(out.slot)] = Completion(
+                        out.tokens, out.logprobs, out.finish_reason
+                    )
+                    self.release(out.slot)
+        finally:
+            for slot in owner:
+                self.release(slot)
+        return results
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _check_slot(self, slot, what: str) -> None:
+        if not isinstance(slot, int | np.integer) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"{what}: no slot {slot!r}; slots are 0..{self.num_slots - 1}.")
+        if self._status[slot] is _Status.FREE:
+            raise ValueError(f"{what}: slot {slot} is free (never added or already released).")
+
+    def _check_tokens(self, tokens, what: str) -> tuple[int, ...]:
+        tokens = tuple(int(t) for t in tokens)
+        bad = [t for t in tokens if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"{what}: token ids {bad[:5]} are outside the vocabulary "
+                f"[0, {self.config.vocab_size})."
+            )
+        return tokens
+
+    def _check_sampling(self, sampling) -> None:
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"expected SamplingParams, got {type(sampling).__name__}.")
+        if len(sampling.stop_token_ids) > self.max_stop_ids:
+            raise ValueError(
+                f"{len(sampling.stop_token_ids)} stop_token_ids given; this engine holds at most "
+                f"max_stop_ids={self.max_stop_ids}."
+            )
+        if len(sampling.stop_sequences) > self.max_stop_sequences:
+            raise ValueError(
+                f"{len(sampling.stop_sequences)} stop_sequences given; this engine holds at most "
+                f"max_stop_sequences={self.max_stop_sequences}."
+            )
+        longest = max((len(s) for s in sampling.stop_sequences), default=0)
+        if longest > self.max_stop_len:
+            raise ValueError(
+                f"a stop sequence has {longest} tokens; this engine holds at most "
+                f"max_stop_len={self.max_stop_len}."
+            )
+
+    # -- host -> device -------------------------------------------------------------------------
+
+    def _init_state(self, dtype) -> EngineState:
+        b, s = self.num_slots, self.max_len
+        sampling = SlotSampling(
+            temperature=jnp.zeros((b,), jnp.float32),
+            top_k=jnp.zeros((b,), jnp.int32),
+            top_p=jnp.ones((b,), jnp.float32),
+            max_new_tokens=jnp.ones((b,), jnp.int32),
+            seed=jnp.zeros((b,), jnp.uint32),
+            stop_ids=jnp.full((b, self.max_stop_ids), _PAD_ID, jnp.int32),
+            stop_seqs=jnp.full((b, self.max_stop_sequences, self.max_stop_len), _PAD_ID, jnp.int32),
+        )
+        return EngineState(
+            cache=model_lib.KVCache.init(self.config, b, s, dtype),
+            next_token=jnp.zeros((b,), jnp.int32),
+            active=jnp.zeros((b,), jnp.bool_),
+            finish_reason=jnp.zeros((b,), jnp.int32),
+            num_generated=jnp.zeros((b,), jnp.int32),
+            gen_tokens=jnp.zeros((b, s), jnp.int32),
+            gen_logprobs=jnp.zeros((b, s), jnp.float32),
+            sampling=sampling,
+        )
+
+    def _sampling_rows(self, rows: Sequence[SamplingParams | None]) -> SlotSampling:
+        """Host arrays for `rows`; None rows (batch padding) get neutral values."""
+        p = len(rows)
+        out = SlotSampling(
+            temperature=np.zeros((p,), np.float32),
+            top_k=np.zeros((p,), np.int32),
+            top_p=np.ones((p,), np.float32),
+            max_new_tokens=np.ones((p,), np.int32),
+            seed=np.zeros((p,), np.uint32),
+            stop_ids=np.full((p, self.max_stop_ids), _PAD_ID, np.int32),
+            stop_seqs=np.full((p, self.max_stop_sequences, self.max_stop_len), _PAD_ID, np.int32),
+        )
+        for i, sp in enumerate(rows):
+            if sp is None:
+                continue
+            out.temperature[i] = sp.temperature
+            out.top_k[i] = sp.top_k
+            out.top_p[i] = sp.top_p
+            out.max_new_tokens[i] = sp.max_new_tokens
+            out.seed[i] = sp.seed
+            out.stop_ids[i, : len(sp.stop_token_ids)] = sp.stop_token_ids
+            for j, seq in enumerate(sp.stop_sequences):
+                out.stop_seqs[i, j, self.max_stop_len - len(seq) :] = seq
+        return out
+
+    def _run_prefills(self) -> None:
+        if not self._queued:
+            return
+        groups: dict[int, list[_PendingPrefill]] = collections.defaultdict(list)
+        for job in self._queued.values():
+            groups[_pow2_bucket(len(job.tokens), _MIN_PREFILL_BUCKET, self.max_len)].append(job)
+        self._queued.clear()
+        for t_bucket, jobs in sorted(groups.items()):
+            p_bucket = _pow2_bucket(len(jobs), 1, self.num_slots)
+            # Padding rows point past the last slot: their gathers read zeros, their writes drop.
+            slot_ids = np.full((p_bucket,), self.num_slots, np.int32)
+            tokens = np.zeros((p_bucket, t_bucket), np.int32)
+            num_tokens = np.zeros((p_bucket,), np.int32)
+            reset = np.zeros((p_bucket,), np.bool_)
+            next_token = np.zeros((p_bucket,), np.int32)
+            rows: list[SamplingParams | None] = [None] * p_bucket
+            for i, job in enumerate(jobs):
+                slot_ids[i] = job.slot
+                tokens[i, : len(job.tokens)] = job.tokens
+                num_tokens[i] = len(job.tokens)
+                reset[i] = job.reset
+                next_token[i] = job.next_token
+                rows[i] = job.sampling
+                self._last_token[job.slot] = job.next_token
+                self._lengths[job.slot] = (0 if job.reset else self._lengths[job.slot]) + len(
+                    job.tokens
+                )
+            self._state = self._prefill_fn(
+                self._params,
+                self._state,
+                slot_ids,
+                tokens,
+                num_tokens,
+                reset,
+                next_token,
+                self._sampling_rows(rows),
+            )
+
+    # -- jitted programs ------------------------------------------------------------------------
+
+    def _prefill_impl(
+        self, params, state: EngineState, slot_ids, tokens, num_tokens, reset, next_token, sampling
+    ) -> EngineState:
+        """Writes tokens [P, T] into the caches of slots [P] and arms them for decoding."""
+        self.num_compilations += 1
+        model = nnx.merge(self._graphdef, params)
+        cache = state.cache
+
+        def rows(x):
+            return x.at[:, slot_ids].get(mode="fill", fill_value=0)
+
+        start = jnp.where(reset, 0, cache.lengths.at[slot_ids].get(mode="fill", fill_value=0))
+        sub = model_lib.KVCache(k=rows(cache.k), v=rows(cache.v), lengths=start)  # [L, P, S, K, H]
+        t = tokens.shape[1]
+        positions = start[:, None] + jnp.arange(t)[None, :]  # [P, T]
+        mask = jnp.arange(t)[None, :] < num_tokens[:, None]
+        # Only the cache is needed; hidden states skip the LM head.
+        _, sub = model.hidden_states(tokens, positions, sub, mask)
+        cache = model_lib.KVCache(
+            k=cache.k.at[:, slot_ids].set(sub.k, mode="drop"),
+            v=cache.v.at[:, slot_ids].set(sub.v, mode="drop"),
+            lengths=cache.lengths.at[slot_ids].set(sub.lengths, mode="drop"),
+        )
+
+        def put(x, value):
+            return x.at[slot_ids].set(value, mode="drop")
+
+        return EngineState(
+            cache=cache,
+            next_token=put(state.next_token, next_token),
+            active=put(state.active, True),
+            finish_reason=put(state.finish_reason, _NOT_FINISHED),
+            num_generated=put(state.num_generated, 0),
+            gen_tokens=state.gen_tokens,
+            gen_logprobs=state.gen_logprobs,
+            sampling=jax.tree.map(put, state.sampling, sampling),
+        )
+
+    def _decode_impl(self, params, state: EngineState, allowed, max_steps) -> EngineState:
+        """Decodes every active slot up to `max_steps` steps; stops early when all have finished.
+
+        `allowed` [B] is the host's view of which slots decode; it deactivates released slots.
+        """
+        self.num_compilations += 1
+        model = nnx.merge(self._graphdef, params)
+        b, s = state.gen_tokens.shape
+        sp = state.sampling
+        rows = jnp.arange(b)
+        window = self.max_stop_len
+        has_seq = jnp.any(sp.stop_seqs != _PAD_ID, axis=-1)  # [B, M]
+
+        def one_step(carry):
+            i, st = carry
+            active = st.active
+            logits, cache = model(
+                st.next_token[:, None], st.cache.lengths[:, None], st.cache, active[:, None]
+            )
+            # The sampled token sits at position lengths + 1 (after the pending one).
+            keys = _slot_keys(sp.seed, st.cache.lengths + 1)
+            tokens, logprobs = sample_tokens(logits[:, 0], sp.temperature, sp.top_k, sp.top_p, keys)
+            write = jnp.where(active, st.num_generated, s)  # out of range for inactive: dropped
+            gen_tokens = st.gen_tokens.at[rows, write].set(tokens, mode="drop")
+            gen_logprobs = st.gen_logprobs.at[rows, write].set(logprobs, mode="drop")
+            num_generated = st.num_generated + active.astype(jnp.int32)
+
+            # Stop sequences match the tail of what was generated since the last add/append, so
+            # one that straddles two decode chunks is still found.
+            idx = num_generated[:, None] - window + jnp.arange(window)[None, :]  # [B, W]
+            tail = jnp.take_along_axis(gen_tokens, jnp.clip(idx, 0, s - 1), axis=1)
+            tail = jnp.where(idx >= 0, tail, _PAD_ID - 1)
+            seq_hit = jnp.all(
+                (sp.stop_seqs == _PAD_ID) | (sp.stop_seqs == tail[:, None, :]), axis=-1
+            )
+            stop = jnp.any(seq_hit & has_seq, axis=-1)
+            stop |= jnp.any(tokens[:, None] == sp.stop_ids, axis=-1)
+            # A sequence (cache + pending token) never exceeds max_len: "length" when it is full.
+            length = (num_generated >= sp.max_new_tokens) | (cache.lengths + 1 >= s)
+            reason = jnp.where(stop, _FINISH_STOP, jnp.where(length, _FINISH_LENGTH, 0))
+            done = active & (reason != _NOT_FINISHED)
+            st = st.replace(
+                cache=cache,
+                next_token=jnp.where(active, tokens, st.next_token),
+                active=active & ~done,
+                finish_reason=jnp.where(done, reason, st.finish_reason),
+                num_generated=num_generated,
+                gen_tokens=gen_tokens,
+                gen_logprobs=gen_logprobs,
+            )
+            return i + 1, st
+
+        def keep_going(carry):
+            i, st = carry
+            return (i < max_steps) & jnp.any(st.active)
+
+        state = state.replace(active=state.active & allowed)
+        _, state = jax.lax.while_loop(keep_going, one_step, (jnp.int32(0), state))
+        return state
+
+
+def _pow2_bucket(n: int, floor: int, cap: int) -> int:
+    """Smallest power of two >= max(n, floor), capped: few shapes, so few compilations."""
+    return min(cap, 1 << (max(n, floor, 1) - 1).bit_length())

@@ -41,7 +41,7 @@ setuptools.setup(
         "python-docx>=1.1",
         "python-pptx>=1.0",
         "beautifulsoup4>=4.12",
-        "bm25s>=0.2",
+        "rank-bm25>=0.2.2",
         "httpx>=0.27",
         "matplotlib>=3.9",
     ],

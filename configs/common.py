@@ -159,3 +159,111 @@ def mesh_config(preset: str) -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown mesh preset {preset!r}; known: {', '.join(MESH_PRESETS)}.")
     data, fsdp, tensor = MESH_PRESETS[preset]
     return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with defaults for a single-host run."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 100
+
+    c.model = model_config("tiny")
+
+    c.engine = ml_collections.ConfigDict()
+    c.engine.num_slots = 64  # concurrent episodes per host
+    c.engine.max_len = 4096  # tokens per episode (prompt + all turns)
+    c.engine.decode_chunk_steps = 32  # decode steps between host check-ins
+
+    c.agent = ml_collections.ConfigDict()
+    c.agent.system_prompt = ""  # "" = the default code-agent prompt in toolr1_jax/agent/prompt.py
+    c.agent.task_template = ""  # "" = the default task message template
+    c.agent.max_turns = 6
+    c.agent.max_total_tokens = 4096
+    c.agent.max_new_tokens_per_turn = 512
+    c.agent.observation_max_chars = 2000
+    c.agent.episode_timeout_s = 600.0
+    c.agent.temperature = 1.0
+    c.agent.top_p = 1.0
+    c.agent.top_k = 0
+
+    c.sandbox = ml_collections.ConfigDict()
+    c.sandbox.num_workers = 8  # programs executing at once
+    c.sandbox.timeout_s = 30.0  # per code run
+    c.sandbox.memory_mb = 2048
+    c.sandbox.authorized_imports = ""  # comma-separated; "" = the sandbox's default list
+    c.sandbox.search_corpus = ""  # "synthetic" = the synthetic suite's corpus; "" = no search tool
+    c.sandbox.web_search_url = ""  # OpenAI-style web search backend; "" = web tools off
+    c.sandbox.web_api_key_env = ""
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.judge = "rule"  # rule | openai | local
+    c.reward.judge_url = ""  # OpenAI-compatible base URL, e.g. http://host:8000/v1
+    c.reward.judge_model = ""
+    c.reward.judge_api_key_env = "OPENAI_API_KEY"
+    c.reward.judge_timeout_s = 60.0
+    c.reward.judge_max_concurrency = 32
+    c.reward.w_answer = 1.0
+    c.reward.w_exec = 0.1
+    c.reward.w_format = 0.1
+    c.reward.aux_requires_answer = True
+
+    c.queue = ml_collections.ConfigDict()
+    c.queue.enabled = True
+    c.queue.per_question = 4  # K cached trajectories per question
+    c.queue.threshold = 1.0  # minimum reward to be cached
+    c.queue.max_replay = 2  # cached trajectories reused per group
+    c.queue.max_staleness = 20  # policy versions before a cached trajectory expires
+    c.queue.restore_zero_variance = True
+
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.questions_per_step = 8
+    c.grpo.group_size = 8  # G episodes per question
+    c.grpo.scale_advantages = True  # False = Dr. GRPO (r - mean)
+    c.grpo.clip_low = 0.2
+    c.grpo.clip_high = 0.28
+    c.grpo.is_cap = 2.0  # truncation C of the behaviour importance weight
+    c.grpo.beta = 0.0  # KL to the frozen reference (0 = no reference model)
+    c.grpo.kl_estimator = "k3"
+    c.grpo.aggregation = "seq_mean_token_sum_norm"
+    c.grpo.drop_truncated = True  # mask episodes cut by token/turn limits
+    c.grpo.updates_per_batch = 1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.num_microbatches = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic"  # synthetic | gaia | qa
+    c.data.config = ""  # TFDS builder config name ("" = the builder's default)
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.manual_dir = ""
+    c.data.levels = ""  # comma-separated levels to keep; "" = all
+    c.data.num_eval = 64  # eval examples (0 = the whole split)
+
+    c.mesh = mesh_config("dp")
+
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.every_steps = 10
+    c.ckpt.max_to_keep = 3
+    c.ckpt.resume_from = ""
+    c.ckpt.export_hf = True  # write a Hugging Face export at the end of training
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 1
+    c.log.eval_every_steps = 20
+    c.log.num_eval_samples = 1
+    c.log.progress_bar = True
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # call jax.distributed.initialize()
+    c.distributed.coordinator_address = ""  # "" = auto-detect (TPU pods, SLURM)
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

@@ -3,13 +3,16 @@ share no entities, and generation is deterministic."""
 
 import asyncio
 import collections
+import csv
+import io
 
+import pandas as pd
 import pytest
 
 from toolr1_jax.data import synthetic
 from toolr1_jax.rewards import gaia_scorer
 from toolr1_jax.sandbox import SandboxPool
-from toolr1_jax.tools import search
+from toolr1_jax.tools import files, search
 
 SEED = 5
 _NUM_FAMILIES = len(synthetic.FAMILIES)
@@ -32,6 +35,23 @@ def test_every_family_and_level_is_generated():
     for e in level1:
         assert len(e.metadata["solution"]) <= 2 and len(e.question) < 120
         assert all(code.count("\n") <= 3 for code in e.metadata["solution"])
+
+
+def test_attachments_read_back_with_pandas_and_inspect_file(tmp_path):
+    # The hand-written XLSX must read the same through pandas and the inspect_file tool as the
+    # CSV a solution would get.
+    (example,) = synthetic.generate("train", 1, SEED, families=["table_join"])
+    sheet = pd.read_excel(io.BytesIO(example.files["customers.xlsx"]))
+    assert list(sheet.columns) == ["customer_id", "name", "city"]
+    assert len(sheet) == 6 and sheet["customer_id"].dtype.kind == "i"
+    path = tmp_path / "customers.xlsx"
+    path.write_bytes(example.files["customers.xlsx"])
+    text = files.inspect_file(str(path))
+    for row in sheet.itertuples(index=False):
+        assert f"{row.customer_id} | {row.name} | {row.city}" in text
+    orders = list(csv.reader(io.StringIO(example.files["orders.csv"].decode())))
+    assert orders[0] == ["order_id", "customer_id", "date", "amount"]
+    assert set(int(r[1]) for r in orders[1:]) <= set(sheet["customer_id"])
 
 
 def test_same_seed_same_tasks_and_prefix_stable():

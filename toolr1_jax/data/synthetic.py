@@ -14,6 +14,7 @@ import calendar
 import csv
 import dataclasses
 import datetime
+import html
 import io
 import json
 import math
@@ -232,11 +233,8 @@ def corpus(seed: int) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Attachments. Bytes are deterministic (fixed timestamps inside XLSX zips) so the same seed
-# gives byte-identical tasks.
+# Attachments. Bytes are deterministic so the same seed gives byte-identical tasks.
 # ----------------------------------------------------------------------------------------------
-
-_FIXED_TIME = datetime.datetime(2024, 1, 1)
 
 
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
@@ -247,32 +245,63 @@ def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes
     return out.getvalue().encode()
 
 
-def _xlsx_bytes(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
-    import openpyxl  # heavy; only needed when XLSX tasks are generated
+_PACKAGE_RELS = "http://schemas.openxmlformats.org/package/2006/relationships"
+_DOC_RELS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+_SHEET_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+_XML = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>'
 
-    workbook = openpyxl.Workbook()
-    sheet = workbook.active
-    sheet.append(list(header))
-    for row in rows:
-        sheet.append(list(row))
-    workbook.properties.created = _FIXED_TIME
-    raw = io.BytesIO()
-    workbook.save(raw)
-    # openpyxl stamps the save time into docProps/core.xml and the zip entries; pin both.
+
+def _xlsx_bytes(header: Sequence[str], rows: Sequence[Sequence[object]]) -> bytes:
+    """A minimal one-sheet workbook (inline strings, no styles) that pandas and openpyxl read.
+
+    Written by hand: openpyxl's writer costs ~100x more per file (most of the suite's build
+    time) and stamps the current time into the file.
+    """
+    if len(header) > 26:
+        raise ValueError("at most 26 columns (A-Z)")
+    sheet_rows = []
+    for r, values in enumerate([header, *rows], start=1):
+        cells = []
+        for c, v in enumerate(values):
+            ref = f"{chr(ord('A') + c)}{r}"
+            if isinstance(v, str):
+                cells.append(f'<c r="{ref}" t="inlineStr"><is><t>{html.escape(v)}</t></is></c>')
+            else:
+                cells.append(f'<c r="{ref}"><v>{v}</v></c>')
+        sheet_rows.append(f'<row r="{r}">{"".join(cells)}</row>')
+    sheet_type = "application/vnd.openxmlformats-officedocument.spreadsheetml"
+    parts = {
+        "[Content_Types].xml": (
+            f'{_XML}<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+            '<Default Extension="rels" '
+            'ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+            '<Default Extension="xml" ContentType="application/xml"/>'
+            f'<Override PartName="/xl/workbook.xml" ContentType="{sheet_type}.sheet.main+xml"/>'
+            '<Override PartName="/xl/worksheets/sheet1.xml" '
+            f'ContentType="{sheet_type}.worksheet+xml"/></Types>'
+        ),
+        "_rels/.rels": (
+            f'{_XML}<Relationships xmlns="{_PACKAGE_RELS}"><Relationship Id="rId1" '
+            f'Type="{_DOC_RELS}/officeDocument" Target="xl/workbook.xml"/></Relationships>'
+        ),
+        "xl/workbook.xml": (
+            f'{_XML}<workbook xmlns="{_SHEET_NS}" xmlns:r="{_DOC_RELS}"><sheets>'
+            '<sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>'
+        ),
+        "xl/_rels/workbook.xml.rels": (
+            f'{_XML}<Relationships xmlns="{_PACKAGE_RELS}"><Relationship Id="rId1" '
+            f'Type="{_DOC_RELS}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>'
+        ),
+        "xl/worksheets/sheet1.xml": (
+            f'{_XML}<worksheet xmlns="{_SHEET_NS}"><sheetData>{"".join(sheet_rows)}'
+            "</sheetData></worksheet>"
+        ),
+    }
     out = io.BytesIO()
-    with (
-        zipfile.ZipFile(io.BytesIO(raw.getvalue())) as src,
-        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst,
-    ):
-        for info in src.infolist():
-            data = src.read(info.filename)
-            if info.filename == "docProps/core.xml":
-                data = re.sub(
-                    rb"(<dcterms:modified[^>]*>)[^<]*(</dcterms:modified>)",
-                    rb"\g<1>2024-01-01T00:00:00Z\g<2>",
-                    data,
-                )
-            dst.writestr(zipfile.ZipInfo(info.filename, date_time=(2024, 1, 1, 0, 0, 0)), data)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in parts.items():
+            # A fixed timestamp keeps the bytes identical for the same seed.
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), text)
     return out.getvalue()
 
 

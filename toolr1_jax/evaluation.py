@@ -1,0 +1,579 @@
+"""Evaluation: run the agent on examples, grade every episode, compute metrics, write the outputs.
+
+`evaluate` is what both `evaluate.py` and the trainer's periodic evaluation call; `write_outputs`
+writes `results.json` (metrics and per-question counts), `trajectories.jsonl` (one episode a line)
+and `report.html` (a self-contained, JavaScript-free page to browse every episode).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import collections
+import dataclasses
+import html
+import json
+import math
+import os
+import pathlib
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import tqdm
+
+from toolr1_jax import engine as engine_lib
+from toolr1_jax.agent import rollout
+from toolr1_jax.agent import trajectory as trajectory_lib
+from toolr1_jax.data import types as data_types
+from toolr1_jax.rewards import gaia_scorer
+from toolr1_jax.rewards import judge as judge_lib
+from toolr1_jax.tools import registry
+
+RESULTS_FILE = "results.json"
+TRAJECTORIES_FILE = "trajectories.jsonl"
+REPORT_FILE = "report.html"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    """One graded episode.
+
+    `correct` is GAIA's exact scorer on the final answer (an episode without one is wrong).
+    The judge fields are set only when a judge was given and the episode answered: `judge_score`
+    is its verdict, or None with `judge_error` saying why the judge failed.
+    """
+
+    example: data_types.Example
+    sample: int  # index of this episode among its question's samples
+    trajectory: trajectory_lib.Trajectory
+    correct: bool
+    num_tool_calls: int  # calls of the agent's tools (final_answer excluded) in code that ran
+    judge_score: float | None = None
+    judge_rationale: str = ""
+    judge_error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """`metrics` is flat (`accuracy`, `accuracy/level_1`, `pass@2`, ...) so a trainer can log it
+    as is; `records` are in example order, then sample order."""
+
+    metrics: dict[str, float]
+    records: tuple[EvalRecord, ...]
+    num_samples: int
+    judged: bool  # a judge was given (the judge_* metrics are present)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct: 1 - C(n-c, k) / C(n, k)."""
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"pass_at_k: {name} must be an int, got {value!r}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got c={c}, n={n}")
+    # Exact integer binomials: the float product form loses precision for large n.
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def count_tool_calls(code: str, tool_names: Iterable[str]) -> int:
+    """How many calls `code` makes to functions named in `tool_names`.
+
+    Read from the syntax tree, so a name in a string or comment, or a method of the same name
+    (`df.search(...)`), does not count. Code that does not parse falls back to a textual match
+    of `name(`: the sandbox ran it (and reported the syntax error), so a rough count is better
+    than none.
+    """
+    names = frozenset(tool_names)
+    if not names:
+        return 0
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")\s*\(")
+        return len(pattern.findall(code))
+    return sum(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+        for node in ast.walk(tree)
+    )
+
+
+def _code_ran(turn: trajectory_lib.Turn) -> bool:
+    return turn.code is not None and turn.exec_status not in (None, "parse_error")
+
+
+def _rate(numerator: float, denominator: float) -> float:
+    # A rate over nothing is 0; the count beside each rate in the metrics tells the two apart.
+    return numerator / denominator if denominator else 0.0
+
+
+def compute_metrics(
+    records: Sequence[EvalRecord], *, num_samples: int, judged: bool
+) -> dict[str, float]:
+    """Metrics of graded episodes; every question must have exactly `num_samples` records.
+
+    Keys: `accuracy` (share of episodes the GAIA scorer accepts), `accuracy/level_L`, `pass@k`
+    and `pass@k/level_L` for k = 1..num_samples (the unbiased estimator, averaged over
+    questions), `answer_rate`, `avg_turns`, `avg_tokens`, `avg_sampled_tokens`, `tool_call_rate`
+    (share of episodes whose code called a tool at least once), `tool_calls_per_episode`,
+    `code_error_rate` (share of code runs that did not end "ok"), `format_error_rate` (share of
+    turns without code or answer), `status/S` (share of episodes that ended with status S), the
+    counts they are over, and with a judge `judge_agreement` (share of judged episodes where the
+    judge's verdict, score >= 0.5, equals the scorer's), `judge_accuracy` (mean judge score,
+    unanswered episodes counting 0), `num_judged` and `num_judge_failures`.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not records:
+        raise ValueError("compute_metrics: no records to compute metrics over")
+    by_question: dict[str, list[EvalRecord]] = collections.defaultdict(list)
+    for r in records:
+        by_question[r.example.task_id].append(r)
+    wrong = {t: len(rs) for t, rs in by_question.items() if len(rs) != num_samples}
+    if wrong:
+        shown = ", ".join(f"{t}: {n}" for t, n in sorted(wrong.items())[:5])
+        raise ValueError(
+            f"compute_metrics: every question needs {num_samples} records; got {shown}"
+        )
+
+    m: dict[str, float] = {}
+    n = len(records)
+    m["num_questions"] = len(by_question)
+    m["num_episodes"] = n
+    m["num_samples"] = num_samples
+    m["accuracy"] = _rate(sum(r.correct for r in records), n)
+    levels = sorted({rs[0].example.level for rs in by_question.values()})
+    for level in levels:
+        rs = [r for r in records if r.example.level == level]
+        m[f"accuracy/level_{level}"] = _rate(sum(r.correct for r in rs), len(rs))
+        m[f"num_questions/level_{level}"] = len(rs) // num_samples
+    for k in range(1, num_samples + 1):
+        per_question = {
+            t: pass_at_k(num_samples, sum(r.correct for r in rs), k)
+            for t, rs in by_question.items()
+        }
+        m[f"pass@{k}"] = sum(per_question.values()) / len(per_question)
+        for level in levels:
+            values = [
+                v for t, v in per_question.items() if by_question[t][0].example.level == level
+            ]
+            m[f"pass@{k}/level_{level}"] = sum(values) / len(values)
+
+    trajectories = [r.trajectory for r in records]
+    turns = [t for traj in trajectories for t in traj.turns]
+    code_runs = [t for t in turns if _code_ran(t)]
+    m["answer_rate"] = _rate(sum(t.final_answer is not None for t in trajectories), n)
+    m["avg_turns"] = _rate(len(turns), n)
+    m["avg_tokens"] = _rate(sum(len(t.tokens) for t in trajectories), n)
+    m["avg_sampled_tokens"] = _rate(sum(int(t.loss_mask.sum()) for t in trajectories), n)
+    m["tool_call_rate"] = _rate(sum(r.num_tool_calls > 0 for r in records), n)
+    m["tool_calls_per_episode"] = _rate(sum(r.num_tool_calls for r in records), n)
+    m["num_turns"] = len(turns)
+    m["num_code_runs"] = len(code_runs)
+    m["code_error_rate"] = _rate(sum(t.exec_status != "ok" for t in code_runs), len(code_runs))
+    m["format_error_rate"] = _rate(sum(t.exec_status == "parse_error" for t in turns), len(turns))
+    for status, count in sorted(collections.Counter(t.status for t in trajectories).items()):
+        m[f"status/{status}"] = count / n
+
+    if judged:
+        verdicts = [r for r in records if r.judge_score is not None]
+        m["num_judged"] = len(verdicts)
+        m["num_judge_failures"] = sum(bool(r.judge_error) for r in records)
+        m["judge_agreement"] = _rate(
+            sum((r.judge_score >= 0.5) == r.correct for r in verdicts), len(verdicts)
+        )
+        # Unanswered episodes are not judged and score 0; failed judgements are left out.
+        scored = [r for r in records if not r.judge_error]
+        m["judge_accuracy"] = _rate(sum(r.judge_score or 0.0 for r in scored), len(scored))
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the agent
+# ----------------------------------------------------------------------------------------------
+
+
+def _grade(
+    example: data_types.Example, sample: int, traj: trajectory_lib.Trajectory, tool_names
+) -> EvalRecord:
+    correct = traj.final_answer is not None and gaia_scorer.question_scorer(
+        traj.final_answer, example.answer
+    )
+    calls = sum(count_tool_calls(t.code, tool_names) for t in traj.turns if _code_ran(t))
+    return EvalRecord(example, sample, traj, bool(correct), calls)
+
+
+async def _judge_record(judge: judge_lib.Judge, record: EvalRecord) -> EvalRecord:
+    answer = record.trajectory.final_answer
+    if answer is None:
+        return record
+    try:
+        verdict = await judge.score(record.example.question, record.example.answer, answer)
+    except judge_lib.JudgeError as e:
+        # Reported, never counted as a wrong verdict (DESIGN section 8).
+        return dataclasses.replace(record, judge_error=str(e) or type(e).__name__)
+    return dataclasses.replace(record, judge_score=verdict.score, judge_rationale=verdict.rationale)
+
+
+async def evaluate(
+    examples: Sequence[data_types.Example],
+    *,
+    engine: engine_lib.Engine,
+    tokenizer,
+    pool,
+    tools: Sequence[registry.Tool],
+    agent_config: rollout.AgentConfig,
+    sampling: engine_lib.SamplingParams,
+    num_samples: int,
+    judge: judge_lib.Judge | None = None,
+    progress: bool = True,
+    policy_version: int = 0,
+) -> EvalResult:
+    """Runs `num_samples` episodes of every example and grades them.
+
+    Args:
+      examples: the questions, with unique task ids.
+      engine: an idle `Engine` holding the policy's weights.
+      tokenizer: `models.tokenizer.Tokenizer`.
+      pool: a started `SandboxPool` whose tools are `tools`.
+      tools: the tools the agent has (the pool's); calls to them give the tool-call metrics.
+      agent_config: `rollout.AgentConfig`.
+      sampling: temperature, top-p, top-k and base seed (see `rollout.rollout`).
+      num_samples: episodes per question (n of pass@k).
+      judge: when given, every answered episode is also judged and the judge_* metrics are
+        reported; a judge failure is recorded on the episode, not raised.
+      progress: show a progress bar (episodes done, running accuracy) on stderr.
+      policy_version: stored in the trajectories.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("evaluate: no examples given")
+    for e in examples:
+        if not isinstance(e, data_types.Example):
+            raise TypeError(f"evaluate: examples must be Examples, got {type(e).__name__}")
+    ids = collections.Counter(e.task_id for e in examples)
+    duplicates = sorted(t for t, c in ids.items() if c > 1)
+    if duplicates:
+        raise ValueError(f"evaluate: task ids must be unique, repeated: {duplicates[:5]}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"evaluate: num_samples must be an integer >= 1, got {num_samples!r}")
+    tools = registry.check_unique(tools)
+    tool_names = [t.name for t in tools]
+    pool_names = [t.name for t in pool.tools]
+    if sorted(tool_names) != sorted(pool_names):
+        # The prompt shows the pool's tools; counting calls to others would misreport.
+        raise ValueError(
+            f"evaluate: tools {sorted(tool_names)} differ from the sandbox pool's tools "
+            f"{sorted(pool_names)}"
+        )
+
+    graded: dict[int, list[EvalRecord]] = {}
+    bar = tqdm.tqdm(
+        total=len(examples) * num_samples,
+        desc="eval",
+        unit="episode",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    num_done, num_correct = 0, 0
+
+    async def on_group(group: rollout.Group) -> None:
+        nonlocal num_done, num_correct
+        records = [
+            _grade(group.example, i, traj, tool_names) for i, traj in enumerate(group.trajectories)
+        ]
+        num_done += len(records)
+        num_correct += sum(r.correct for r in records)
+        bar.update(len(records))
+        bar.set_postfix(accuracy=f"{num_correct / num_done:.3f}", refresh=False)
+        if judge is not None:
+            records = await asyncio.gather(*(_judge_record(judge, r) for r in records))
+        graded[group.group_id] = list(records)
+
+    start = time.perf_counter()
+    try:
+        stats = await rollout.rollout(
+            [rollout.GroupRequest(e, num_samples, i) for i, e in enumerate(examples)],
+            engine=engine,
+            tokenizer=tokenizer,
+            pool=pool,
+            config=agent_config,
+            sampling=sampling,
+            policy_version=policy_version,
+            on_group=on_group,
+        )
+    finally:
+        bar.close()
+    records = tuple(r for i in range(len(examples)) for r in graded[i])
+    metrics = compute_metrics(records, num_samples=num_samples, judged=judge is not None)
+    metrics["wall_s"] = time.perf_counter() - start
+    metrics["time/engine_s"] = stats.engine_s
+    metrics["time/sandbox_s"] = stats.sandbox_s
+    return EvalResult(metrics, records, num_samples, judge is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def record_json(record: EvalRecord) -> dict[str, Any]:
+    """One line of trajectories.jsonl (token ids are left out; their counts are kept)."""
+    traj, ex = record.trajectory, record.example
+    return {
+        "task_id": ex.task_id,
+        "sample": record.sample,
+        "group_id": traj.group_id,
+        "level": ex.level,
+        "question": ex.question,
+        "reference": ex.answer,
+        "files": sorted(ex.files),
+        "final_answer": traj.final_answer,
+        "status": traj.status,
+        "correct": record.correct,
+        "judge_score": record.judge_score,
+        "judge_rationale": record.judge_rationale,
+        "judge_error": record.judge_error,
+        "num_tool_calls": record.num_tool_calls,
+        "num_tokens": len(traj.tokens),
+        "num_sampled_tokens": int(traj.loss_mask.sum()),
+        "prompt_len": traj.prompt_len,
+        "policy_version": traj.policy_version,
+        "turns": [
+            {
+                "text": t.text,
+                "code": t.code,
+                "observation": t.observation,
+                "exec_status": t.exec_status,
+                "duration_s": t.duration_s,
+            }
+            for t in traj.turns
+        ],
+    }
+
+
+def results_json(result: EvalResult, run_info: Mapping[str, Any] | None = None) -> dict:
+    """The content of results.json: metrics, per-question counts and what was run."""
+    questions = []
+    by_question: dict[str, list[EvalRecord]] = {}
+    for r in result.records:
+        by_question.setdefault(r.example.task_id, []).append(r)
+    for task_id, rs in by_question.items():
+        questions.append(
+            {
+                "task_id": task_id,
+                "level": rs[0].example.level,
+                "reference": rs[0].example.answer,
+                "num_samples": len(rs),
+                "num_correct": sum(r.correct for r in rs),
+                "answers": [r.trajectory.final_answer for r in rs],
+            }
+        )
+    return {
+        "metrics": dict(result.metrics),
+        "num_samples": result.num_samples,
+        "judged": result.judged,
+        "run": dict(run_info or {}),
+        "questions": questions,
+    }
+
+
+def write_outputs(
+    result: EvalResult,
+    output_dir: str | os.PathLike,
+    *,
+    run_info: Mapping[str, Any] | None = None,
+) -> dict[str, pathlib.Path]:
+    """Writes results.json, trajectories.jsonl and report.html into `output_dir` (created if
+    needed); `run_info` (model, split, config, ...) goes into results.json and the report.
+    Returns the three paths by file name."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in (RESULTS_FILE, TRAJECTORIES_FILE, REPORT_FILE)}
+    summary = results_json(result, run_info)
+    # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers.
+    _write_text(paths[RESULTS_FILE], json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    lines = (json.dumps(record_json(r), ensure_ascii=False) + "\n" for r in result.records)
+    _write_text(paths[TRAJECTORIES_FILE], "".join(lines))
+    _write_text(paths[REPORT_FILE], render_report(result, run_info))
+    return paths
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    # Write then rename, so a reader (or a crash) never sees half a file.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML report
+# ----------------------------------------------------------------------------------------------
+
+# Filtering is done with CSS alone (radio buttons and sibling selectors), so the page needs no
+# script and what a headless browser's DOM dump shows is the page itself.
+_CSS = """\
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1em;
+  color: #1d1d1f; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.5em; }
+table.metrics { border-collapse: collapse; margin: .5em 0; }
+table.metrics td, table.metrics th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; }
+table.metrics td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f5f5f7; padding: .5em; overflow-x: auto; white-space: pre-wrap;
+  word-break: break-word; margin: .3em 0; }
+pre.code { background: #eef3fb; }
+pre.observation { background: #f4f8ee; }
+details.trajectory { border: 1px solid #ccc; border-left: 6px solid #c62828; margin: .4em 0;
+  border-radius: 4px; }
+details.trajectory[data-correct="true"] { border-left-color: #2e7d32; }
+details.trajectory > summary { cursor: pointer; padding: .3em .6em; }
+details.trajectory > div.body { padding: 0 1em 1em; }
+.verdict { font-weight: bold; }
+.verdict.correct { color: #2e7d32; } .verdict.wrong { color: #c62828; }
+.muted { color: #666; }
+section.question > h3 { font-size: 1em; margin: 1.2em 0 .3em; }
+div.turn { border-top: 1px dashed #ccc; margin-top: .6em; padding-top: .3em; }
+input[name="filter"] { display: none; }
+.filters label { margin-right: 1em; cursor: pointer; text-decoration: underline; }
+#show-all:checked ~ p.filters label[for="show-all"],
+#show-correct:checked ~ p.filters label[for="show-correct"],
+#show-wrong:checked ~ p.filters label[for="show-wrong"] {
+  font-weight: bold; text-decoration: none; }
+#show-correct:checked ~ main details.trajectory[data-correct="false"] { display: none; }
+#show-wrong:checked ~ main details.trajectory[data-correct="true"] { display: none; }
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _format_metric(value: Any) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return str(int(value))
+    return _esc(value)
+
+
+def _thought(turn: trajectory_lib.Turn) -> str:
+    """The turn's text before its code block (all of it when the turn had no code)."""
+    if turn.code is None:
+        return turn.text
+    cut = [i for i in (turn.text.find("<code>"), turn.text.find("```")) if i >= 0]
+    return turn.text[: min(cut)] if cut else turn.text
+
+
+def _verdict_html(record: EvalRecord) -> str:
+    word, cls = ("correct", "correct") if record.correct else ("wrong", "wrong")
+    parts = [f'<span class="verdict {cls}">GAIA scorer: {word}</span>']
+    if record.judge_score is not None:
+        parts.append(
+            f'<span class="judge">judge: {record.judge_score:g}</span>'
+            f'<pre class="rationale">{_esc(record.judge_rationale)}</pre>'
+        )
+    elif record.judge_error:
+        parts.append(
+            f'<span class="judge">judge failed</span><pre>{_esc(record.judge_error)}</pre>'
+        )
+    return " ".join(parts)
+
+
+def _trajectory_html(index: int, record: EvalRecord) -> str:
+    traj, ex = record.trajectory, record.example
+    answer = "(none)" if traj.final_answer is None else traj.final_answer
+    mark = "&#10003;" if record.correct else "&#10007;"
+    summary = (
+        f'<span class="verdict {"correct" if record.correct else "wrong"}">{mark}</span> '
+        f"<b>{_esc(ex.task_id)}</b> #{record.sample} "
+        f'<span class="muted">level {ex.level} &middot; {_esc(traj.status)} &middot; '
+        f"{len(traj.turns)} turn(s) &middot; answer:</span> {_esc(answer)}"
+    )
+    body = [
+        f'<p><b>Question</b></p><pre class="question">{_esc(ex.question)}</pre>',
+        f'<p><b>Reference answer:</b> <span class="reference">{_esc(ex.answer)}</span></p>',
+    ]
+    if ex.files:
+        body.append(f"<p><b>Files:</b> {_esc(', '.join(sorted(ex.files)))}</p>")
+    for k, turn in enumerate(traj.turns, 1):
+        status = "no code run" if turn.exec_status is None else turn.exec_status
+        parts = [
+            f'<div class="turn"><p><b>Turn {k}</b> <span class="muted">({_esc(status)}, '
+            f"{turn.duration_s:.2f} s)</span></p>"
+        ]
+        thought = _thought(turn).strip()
+        if thought:
+            parts.append(f'<pre class="thought">{_esc(thought)}</pre>')
+        if turn.code is not None:
+            parts.append(f'<pre class="code"><code>{_esc(turn.code)}</code></pre>')
+        if turn.observation:
+            parts.append(f'<pre class="observation">{_esc(turn.observation)}</pre>')
+        parts.append("</div>")
+        body.append("".join(parts))
+    body.append(
+        f'<p><b>Final answer:</b> <span class="final-answer">{_esc(answer)}</span> '
+        f'<span class="muted">(status {_esc(traj.status)})</span></p>'
+    )
+    body.append(f"<p>{_verdict_html(record)}</p>")
+    return (
+        f'<details class="trajectory" id="t{index}" data-task-id="{_esc(ex.task_id)}" '
+        f'data-correct="{str(record.correct).lower()}"><summary>{summary}</summary>'
+        f'<div class="body">{"".join(body)}</div></details>'
+    )
+
+
+def render_report(result: EvalResult, run_info: Mapping[str, Any] | None = None) -> str:
+    """A self-contained HTML page: the metrics, then one collapsible entry per episode
+    (question, each turn's thought, code and observation, the final answer and the verdicts),
+    grouped by question. No scripts and no external resources."""
+    rows = "".join(
+        f'<tr><th>{_esc(k)}</th><td class="num">{_format_metric(v)}</td></tr>'
+        for k, v in result.metrics.items()
+    )
+    run_rows = "".join(
+        f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>"
+        for k, v in (run_info or {}).items()
+        if not isinstance(v, Mapping)
+    )
+    sections, index = [], 0
+    by_question: dict[str, list[EvalRecord]] = {}
+    for r in result.records:
+        by_question.setdefault(r.example.task_id, []).append(r)
+    for task_id, rs in by_question.items():
+        entries = []
+        for r in rs:
+            entries.append(_trajectory_html(index, r))
+            index += 1
+        num_correct = sum(r.correct for r in rs)
+        sections.append(
+            f'<section class="question"><h3>{_esc(task_id)} '
+            f'<span class="muted">level {rs[0].example.level} &middot; {num_correct}/{len(rs)} '
+            f"correct</span></h3>{''.join(entries)}</section>"
+        )
+    n, acc = len(result.records), result.metrics.get("accuracy", 0.0)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>toolr1_jax evaluation</title>"
+        f"<style>{_CSS}</style></head><body>"
+        "<h1>toolr1_jax evaluation</h1>"
+        f"<p>{n} episode(s) over {len(by_question)} question(s), {result.num_samples} sample(s) "
+        f"each; accuracy {acc:.4f}.</p>"
+        + (f'<table class="metrics run">{run_rows}</table>' if run_rows else "")
+        + f'<h2>Metrics</h2><table class="metrics">{rows}</table>'
+        "<h2>Episodes</h2>"
+        '<input type="radio" name="filter" id="show-all" checked>'
+        '<input type="radio" name="filter" id="show-correct">'
+        '<input type="radio" name="filter" id="show-wrong">'
+        '<p class="filters"><label for="show-all">all</label>'
+        '<label for="show-correct">correct only</label>'
+        '<label for="show-wrong">wrong only</label></p>'
+        f"<main>{''.join(sections)}</main></body></html>\n"
+    )

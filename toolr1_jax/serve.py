@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import uvicorn
 from starlette import applications, requests, responses, routing
 
@@ -82,10 +83,16 @@ class ChatModel:
     """
 
     def __init__(
-        self, engine, tokenizer, *, name: str, max_len: int, stop_token_ids: Sequence[int]
+        self,
+        engine: engine_lib.Engine,
+        tokenizer: models.Tokenizer,
+        *,
+        name: str,
+        max_len: int,
+        stop_token_ids: Sequence[int],
     ):
         self.engine = engine
-        self.tokenizer = tokenizer  # toolr1_jax.models tokenizer wrapper (`.hf` is transformers')
+        self.tokenizer = tokenizer  # models.Tokenizer
         self.name = name
         self.max_len = int(max_len)
         self.stop_token_ids = tuple(sorted(set(int(i) for i in stop_token_ids)))
@@ -94,19 +101,22 @@ class ChatModel:
 
     @classmethod
     def load(
-        cls, model_dir: str, *, num_slots: int = 8, max_len: int = 4096, name: str | None = None
+        cls,
+        model_dir: str,
+        *,
+        num_slots: int = 8,
+        max_len: int = 4096,
+        dtype: str = "float32",
+        name: str | None = None,
     ) -> ChatModel:
+        model_dir = os.fspath(model_dir)
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"Model directory {model_dir!r} does not exist.")
-        model, config = models.load_pretrained(model_dir)
+        model, config = models.load_pretrained(model_dir, dtype=jnp.dtype(dtype))
         tokenizer = models.load_tokenizer(model_dir)
         engine = engine_lib.Engine(model, num_slots=num_slots, max_len=max_len)
-        stop_ids = set(getattr(config, "eos_token_ids", ()) or ())
-        stop_ids |= _generation_config_eos(model_dir)
-        hf = tokenizer.hf
-        if hf.eos_token_id is not None:
-            stop_ids.add(hf.eos_token_id)
-        vocab = hf.get_vocab()
+        stop_ids = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
+        vocab = tokenizer.hf.get_vocab()
         stop_ids |= {vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab}
         if not stop_ids:
             raise ValueError(
@@ -124,17 +134,13 @@ class ChatModel:
     # -- prompt side ---------------------------------------------------------------------------
 
     def encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        hf = self.tokenizer.hf
         try:
-            text = hf.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
+            return self.tokenizer.prompt_ids(messages)
         except Exception as e:  # jinja raises its own errors for messages the template refuses
             raise RequestError(f"The chat template rejected the messages: {e}") from e
-        return list(hf.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.hf.decode(list(token_ids), skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -193,7 +199,7 @@ class ChatModel:
         `_result` cuts at the first stop string either way. Skipped when the engine's stop tables
         are too small for these strings.
         """
-        seqs = tuple(tuple(self.tokenizer.hf.encode(s, add_special_tokens=False)) for s in stop)
+        seqs = tuple(tuple(self.tokenizer.encode(s)) for s in stop)
         if len(seqs) > self.engine.max_stop_sequences or any(
             not s or len(s) > self.engine.max_stop_len for s in seqs
         ):
@@ -268,17 +274,6 @@ def _tokens_covering(model: ChatModel, tokens, logprobs, text):
         if len(model.decode(tokens[:i])) >= len(text):
             return tokens[:i], logprobs[:i]
     return tokens, logprobs
-
-
-def _generation_config_eos(model_dir: str) -> set[int]:
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        eos = json.load(f).get("eos_token_id")
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {int(eos)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,10 +529,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--served_model_name", "--served-model-name", default=None)
     parser.add_argument("--num_slots", "--num-slots", type=int, default=8)
     parser.add_argument("--max_len", "--max-len", type=int, default=4096)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
 
     model = ChatModel.load(
-        args.model, num_slots=args.num_slots, max_len=args.max_len, name=args.served_model_name
+        args.model,
+        num_slots=args.num_slots,
+        max_len=args.max_len,
+        dtype=args.dtype,
+        name=args.served_model_name,
     )
     # Compile the engine's programs before announcing the address, so the first client does
     # not pay for it.

@@ -61,9 +61,13 @@ class ExampleSource(Sequence):
         return len(self._records)
 
     def __iter__(self):
-        # Explicit: the ArrayRecord source need not raise IndexError past the end.
-        for i in range(len(self)):
-            yield self[i]
+        # Batched reads are cheaper per record; explicit bounds because the ArrayRecord source
+        # need not raise IndexError past the end.
+        for start in range(0, len(self), 256):
+            yield from self.__getitems__(range(start, min(start + 256, len(self))))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[types.Example]:
+        return [records.decode(r) for r in self._records.__getitems__(list(indices))]
 
     def __getitem__(self, index):
         if isinstance(index, slice):

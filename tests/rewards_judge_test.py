@@ -9,6 +9,8 @@ import asyncio
 import http.server
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -364,3 +366,16 @@ def test_openai_judge_across_event_loops(scripted):
     second = asyncio.run(step("b"))
     assert [v.score for v in first + second] == [1.0] * 6
     assert len(server.requests) == 6
+
+
+def test_rewards_import_no_jax():
+    # DESIGN: rewards/ (except the local judge, which imports lazily) stays free of JAX.
+    code = (
+        "import sys\n"
+        "from toolr1_jax.rewards import gaia_scorer, judge, reward\n"
+        "judge.make_judge('rule')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

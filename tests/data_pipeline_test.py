@@ -34,6 +34,14 @@ def test_tfds_round_trip_equals_the_generator(data_dir):
     assert [e.task_id for e in source[2:4]] == [source[2].task_id, source[3].task_id]
 
 
+def test_reusing_a_config_name_with_other_parameters_is_an_error(data_dir):
+    changed = synthetic.SyntheticConfig(
+        name="pipeline_test", seed=4, num_train=36, num_validation=12, num_test=12
+    )
+    with pytest.raises(ValueError, match=r"built as .*seed=3.* not .*seed=4"):
+        pipeline.builder("synthetic", data_dir=data_dir, config=changed)
+
+
 def test_resumed_iterator_continues_with_the_next_example(data_dir):
     source = pipeline.data_source("synthetic", "train", data_dir=data_dir, config=_CONFIG)
     it = pipeline.ExampleIterator(source, seed=7)

@@ -4,6 +4,7 @@ through its TFDS data source, and iterate it through grain with a checkpointable
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -38,6 +39,8 @@ def builder(
         config = tfds.core.BuilderConfig(name=config)
     cls = {"synthetic": synthetic.SyntheticTasks, "gaia": gaia.Gaia, "qa": qa.QaTasks}[dataset]
     b = cls(data_dir=os.fspath(data_dir), config=config, file_format="array_record")
+    if b.is_prepared() and dataset == "synthetic":
+        _check_same_parameters(b)
     if not b.is_prepared():
         if dataset == "gaia":
             gaia.check_manual_dir(manual_dir)
@@ -49,6 +52,17 @@ def builder(
         )
         b.download_and_prepare(download_config=download_config)
     return b
+
+
+def _check_same_parameters(b: tfds.core.DatasetBuilder) -> None:
+    with open(os.path.join(b.data_dir, "dataset_info.json")) as f:
+        stored = json.load(f).get("configDescription")
+    wanted = b.builder_config.description
+    if stored != wanted:
+        raise ValueError(
+            f"{b.data_dir} holds synthetic config {b.builder_config.name!r} built as {stored!r}, "
+            f"not {wanted!r}: give the config another name or delete that folder."
+        )
 
 
 class ExampleSource(Sequence):

@@ -862,6 +862,16 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     num_test: int = 400
     levels: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        # The parameters go into the description, which TFDS stores with the built data, so
+        # that reusing a config name with other parameters is caught (pipeline.builder).
+        levels = "all" if self.levels is None else ",".join(map(str, self.levels))
+        params = (
+            f"[seed={self.seed} train={self.num_train} validation={self.num_validation} "
+            f"test={self.num_test} levels={levels}]"
+        )
+        self.description = f"{self.description} {params}" if self.description else params
+
 
 class SyntheticTasks(records.Builder):
     """The embedded GAIA-format task suite. Pair it with `corpus(config.seed)` for `search`."""
@@ -869,8 +879,8 @@ class SyntheticTasks(records.Builder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Twelve families over files, search and computation; levels 1-3."}
     BUILDER_CONFIGS = [
-        SyntheticConfig(name="default", description="All families, levels 1-3, seed 0."),
-        SyntheticConfig(name="level1", levels=(1,), description="Level-1 families, seed 0."),
+        SyntheticConfig(name="default", description="All families."),
+        SyntheticConfig(name="level1", levels=(1,), description="Level-1 families only."),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:

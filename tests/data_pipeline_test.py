@@ -1,6 +1,8 @@
 """Loading the synthetic suite through TFDS and iterating it with a checkpointable position."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -83,3 +85,17 @@ def test_iterator_epochs_shards_and_state_checks():
         pipeline.ExampleIterator(examples, seed=0, shard_index=3, num_shards=3)
     with pytest.raises(ValueError, match="0 examples"):
         pipeline.ExampleIterator([], seed=0)
+
+
+def test_building_and_loading_import_no_jax(data_dir):
+    code = (
+        "import sys\n"
+        "from toolr1_jax.data import gaia, pipeline, qa, synthetic\n"
+        f"config = synthetic.SyntheticConfig(name='pipeline_test', seed=3, num_train=36, "
+        "num_validation=12, num_test=12)\n"
+        f"examples = pipeline.load_examples('synthetic', 'test', data_dir={str(data_dir)!r}, "
+        "config=config)\n"
+        "assert len(examples) == 12\n"
+        "assert 'jax' not in sys.modules, 'data/ imported JAX'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

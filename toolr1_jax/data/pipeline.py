@@ -1,5 +1,8 @@
 """Loading: build a dataset's TFDS builder (array_record files, no TensorFlow), read a split back
 through its TFDS data source, and iterate it through grain with a checkpointable position.
+
+grain imports JAX (its profiler does), so it is imported only when an iterator is made: building
+and reading datasets stays JAX-free, as data/ must be.
 """
 
 from __future__ import annotations
@@ -8,7 +11,6 @@ import json
 import os
 from collections.abc import Sequence
 
-import grain
 import tensorflow_datasets as tfds
 
 from toolr1_jax.data import gaia, qa, records, synthetic, types
@@ -150,6 +152,8 @@ class ExampleIterator:
             raise ValueError(f"Cannot iterate: {len(examples)} examples for {num_shards} shard(s)")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+        import grain  # see the module docstring
+
         ds = grain.MapDataset.source(examples)
         if num_shards > 1:
             ds = ds[shard_index::num_shards]

@@ -201,13 +201,18 @@ def compute_metrics(
 # ----------------------------------------------------------------------------------------------
 
 
-def _grade(
-    example: data_types.Example, sample: int, traj: trajectory_lib.Trajectory, tool_names
+def grade(
+    example: data_types.Example,
+    sample: int,
+    traj: trajectory_lib.Trajectory,
+    tool_names: Iterable[str],
 ) -> EvalRecord:
+    """The episode's record: GAIA's scorer on its final answer and its calls to `tool_names`."""
     correct = traj.final_answer is not None and gaia_scorer.question_scorer(
         traj.final_answer, example.answer
     )
-    calls = sum(count_tool_calls(t.code, tool_names) for t in traj.turns if _code_ran(t))
+    names = frozenset(tool_names)
+    calls = sum(count_tool_calls(t.code, names) for t in traj.turns if _code_ran(t))
     return EvalRecord(example, sample, traj, bool(correct), calls)
 
 
@@ -288,7 +293,7 @@ async def evaluate(
     async def on_group(group: rollout.Group) -> None:
         nonlocal num_done, num_correct
         records = [
-            _grade(group.example, i, traj, tool_names) for i, traj in enumerate(group.trajectories)
+            grade(group.example, i, traj, tool_names) for i, traj in enumerate(group.trajectories)
         ]
         num_done += len(records)
         num_correct += sum(r.correct for r in records)

@@ -30,9 +30,9 @@ from toolr1_jax.data import records, types
 
 SPLITS = ("train", "validation", "test")
 
-# Modules a sandbox must import before lockdown for the reference solutions to run: pandas reads
-# XLSX through openpyxl, whose zip reader needs the cp437 codec, and a locked-down worker cannot
-# import either lazily. Pass as `SandboxPool(..., preload=SANDBOX_PRELOAD)`.
+# Modules the reference solutions use, for the sandbox's pre-warmed parent to import once rather
+# than every session (pandas reads XLSX through openpyxl, whose zip reader loads the cp437 codec).
+# Pass as `SandboxPool(..., preload=SANDBOX_PRELOAD)`.
 SANDBOX_PRELOAD = ("numpy", "pandas", "openpyxl", "encodings.cp437")
 
 # Entities in the corpus per split. Validation and test are smaller, like GAIA's.

@@ -246,6 +246,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ""
     c.data.levels = ""  # comma-separated levels to keep; "" = all
     c.data.num_eval = 64  # eval examples (0 = the whole split)
+    # Evaluation may read another dataset (e.g. train on a QA set, evaluate on GAIA).
+    c.data.eval_name = ""  # "" = data.name
+    c.data.eval_config = ""  # "" = data.config when eval_name is "", else the builder's default
+    c.data.eval_manual_dir = ""  # "" = data.manual_dir
 
     c.mesh = mesh_config("dp")
 

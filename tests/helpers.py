@@ -9,23 +9,18 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 
-import tokenizers
 import torch
 import transformers
+
+from toolr1_jax.models import tokenizer as tokenizer_lib
 
 # Special token ids of the tokenizer below; the model fixtures use them for eos/pad.
 ENDOFTEXT_ID = 0
 IM_START_ID = 1
 IM_END_ID = 2
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = tokenizer_lib.CHATML_SPECIAL_TOKENS
 
-# A Qwen-style ChatML template (written for these tests).
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+CHATML_TEMPLATE = tokenizer_lib.CHATML_TEMPLATE
 
 # Text the byte-level BPE merges are learned from: the shapes a code agent reads and writes.
 DEFAULT_CORPUS = (
@@ -148,23 +143,5 @@ def make_chatml_tokenizer_dir(
     `<|im_start|>` = 1, `<|im_end|>` = 2 (the eos token); the total size is at most `vocab_size`,
     so it fits the model fixtures' default vocab of 512.
     """
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    hf.chat_template = CHATML_TEMPLATE
     path = pathlib.Path(tmp_path) / name
-    hf.save_pretrained(path)
-    return path
+    return tokenizer_lib.train_chatml_tokenizer(corpus, vocab_size, path)

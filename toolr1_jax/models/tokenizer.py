@@ -155,3 +155,46 @@ def load_tokenizer(path, *, template_kwargs: Mapping[str, Any] | None = None) ->
     eos = [] if hf.eos_token_id is None else [hf.eos_token_id]
     eos += [i for i in _generation_eos_ids(path) if i not in eos]
     return Tokenizer(hf, eos_token_ids=eos, template_kwargs=template_kwargs)
+
+
+# A ChatML template (Qwen-style turns) for tokenizers this project trains itself.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_chatml_tokenizer(texts: Sequence[str], vocab_size: int, path) -> pathlib.Path:
+    """Trains a byte-level BPE tokenizer with ChatML special tokens and saves it in HF format.
+
+    For small from-scratch models (the synthetic suite, tests). Every byte is in the vocabulary,
+    so any text encodes. Ids: `<|endoftext|>` = 0 (pad), `<|im_start|>` = 1, `<|im_end|>` = 2
+    (eos); the vocabulary has at most `vocab_size` entries.
+    """
+    import tokenizers
+
+    if vocab_size < 256 + len(CHATML_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least 259 (bytes + specials), got {vocab_size}.")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    hf.chat_template = CHATML_TEMPLATE
+    path = pathlib.Path(path)
+    hf.save_pretrained(path)
+    return path

@@ -1,0 +1,582 @@
+"""`train(config, workdir)`: the Tool-R1 GRPO loop, readable top to bottom.
+
+One step: choose questions (queue priorities) -> roll out each question's group (fresh episodes
+plus replays from the dynamic sample queue) -> judge as groups finish -> update the queue ->
+advantages -> one sharded GRPO update -> metrics, checkpoint, evaluation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from toolr1_jax import buffer, build, checkpoint, evaluation, grpo, sharding, update
+from toolr1_jax import engine as engine_lib
+from toolr1_jax.agent import rollout
+from toolr1_jax.data import pipeline
+from toolr1_jax.models import model as model_lib
+from toolr1_jax.models import params as params_lib
+from toolr1_jax.models import tokenizer as tokenizer_lib
+from toolr1_jax.rewards import reward as reward_lib
+
+log = logging.getLogger(__name__)
+
+TRUNCATED_STATUSES = ("max_turns", "max_tokens", "timeout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks that need no work done: fails before any model, data or sandbox is touched."""
+    num_devices = num_devices or jax.device_count()
+    m = config.mesh
+    try:
+        sizes = [m.data, m.fsdp, m.tensor]
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError("sizes must be positive, with at most one -1")
+        if (-1 in sizes and num_devices % known) or (-1 not in sizes and known != num_devices):
+            raise ValueError(f"they do not divide the {num_devices} devices")
+    except ValueError as e:
+        raise build.ConfigError(
+            f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: {e}."
+        ) from None
+    if config.model.init_from and not os.path.isfile(
+        os.path.join(config.model.init_from, "config.json")
+    ):
+        preset = config.model.preset
+        repo = config.model.hf_repo
+        hint = (
+            f" Download it first, e.g. `huggingface-cli download {repo} --local-dir "
+            f"{config.model.init_from}` (preset {preset!r})."
+            if repo
+            else ""
+        )
+        raise build.ConfigError(
+            f"model.init_from={config.model.init_from!r} is not a Hugging Face model directory "
+            f"(no config.json).{hint}"
+        )
+    if config.model.tokenizer and not os.path.isdir(config.model.tokenizer):
+        raise build.ConfigError(f"model.tokenizer={config.model.tokenizer!r} is not a directory.")
+    if (
+        not config.model.init_from
+        and not config.model.tokenizer
+        and config.data.name != "synthetic"
+    ):
+        raise build.ConfigError(
+            "Set model.init_from (a local Hugging Face checkpoint) or model.tokenizer: only "
+            "the synthetic suite can train its own tokenizer for a from-scratch model."
+        )
+    g = config.grpo
+    for key in ("questions_per_step", "group_size", "updates_per_batch"):
+        if getattr(g, key) < 1:
+            raise build.ConfigError(f"grpo.{key} must be >= 1, got {getattr(g, key)}.")
+    batch = g.questions_per_step * g.group_size
+    if batch % config.optim.num_microbatches:
+        raise build.ConfigError(
+            f"optim.num_microbatches={config.optim.num_microbatches} must divide the batch "
+            f"grpo.questions_per_step * grpo.group_size = {batch}."
+        )
+    if config.agent.max_total_tokens > config.engine.max_len:
+        raise build.ConfigError(
+            f"agent.max_total_tokens={config.agent.max_total_tokens} exceeds "
+            f"engine.max_len={config.engine.max_len}."
+        )
+    if config.queue.enabled and config.queue.max_replay >= g.group_size:
+        raise build.ConfigError(
+            f"queue.max_replay={config.queue.max_replay} must be below grpo.group_size="
+            f"{g.group_size}: every group needs at least one fresh episode."
+        )
+    build.dtype(config)
+    build.levels(config)
+    build.agent_config(config)
+    build.loss_config(config)
+    build.reward_config(config)
+    if config.reward.judge not in ("rule", "openai", "local"):
+        raise build.ConfigError(
+            f"reward.judge must be rule, openai or local, got {config.reward.judge!r}."
+        )
+
+
+def _tokenizer(config, workdir: pathlib.Path, train_examples) -> tokenizer_lib.Tokenizer:
+    path = config.model.tokenizer or config.model.init_from
+    if path:
+        return tokenizer_lib.load_tokenizer(path)
+    # A from-scratch model on the synthetic suite: a tokenizer trained on the suite, saved with
+    # the run so that resumes and exports use the very same one.
+    path = workdir / "tokenizer"
+    if not (path / "tokenizer.json").is_file() and jax.process_index() == 0:
+        # Everything the policy will read and write: prompts, questions, demonstrations.
+        agent_config = build.agent_config(config)
+        texts = [agent_config.system_prompt_template, agent_config.format_error_observation]
+        for e in train_examples:
+            texts.append(e.question)
+            texts.extend(e.metadata.get("thoughts", ()))
+            texts.extend(e.metadata.get("solution", ()))
+        tokenizer_lib.train_chatml_tokenizer(texts, config.model.vocab_size, path)
+    _sync("tokenizer")
+    return tokenizer_lib.load_tokenizer(path)
+
+
+def _model_config(config, tokenizer) -> model_lib.ModelConfig:
+    if config.model.init_from:
+        return params_lib.read_config(config.model.init_from)
+    m = config.model
+    return model_lib.ModelConfig(
+        model_type=m.model_type,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings,
+        qkv_bias=m.model_type == "qwen2",
+        qk_norm=m.model_type == "qwen3",
+        max_position_embeddings=config.engine.max_len,
+        eos_token_ids=tokenizer.eos_token_ids,
+    )
+
+
+class _CompileCounter:
+    """Counts XLA compilations, so a step that recompiled shows up in the metrics."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration_s: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class _Writer:
+    """Metrics to TensorBoard event files and a JSONL file (process 0 only)."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        import tensorboardX
+
+        self._tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+        self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+def make_batch(groups, *, num_rows: int, length: int, scale: bool, drop_truncated: bool):
+    """Scored groups -> a fixed-shape `update.Batch` (host numpy) and per-step statistics.
+
+    Rows of dropped groups and padding rows have an all-zero loss mask. Fixed shapes keep the
+    update program compiled once.
+    """
+    tokens = np.zeros((num_rows, length), np.int32)
+    attn = np.zeros((num_rows, length), bool)
+    loss_mask = np.zeros((num_rows, length), np.float32)
+    behaviour = np.zeros((num_rows, length), np.float32)
+    advantages = np.zeros((num_rows,), np.float32)
+    row = 0
+    for trajs in groups:
+        rewards = np.array([t.reward for t in trajs], np.float32)
+        adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards), len(trajs), scale=scale))
+        for t, a in zip(trajs, adv, strict=True):
+            n = min(len(t.tokens), length)
+            tokens[row, :n] = t.tokens[:n]
+            attn[row, :n] = True
+            if not (drop_truncated and t.status in TRUNCATED_STATUSES):
+                loss_mask[row, :n] = t.loss_mask[:n]
+            behaviour[row, :n] = t.behaviour_logprobs[:n]
+            advantages[row] = a
+            row += 1
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (num_rows, length))
+    batch = update.Batch(
+        tokens=tokens,
+        positions=np.ascontiguousarray(positions),
+        attn_mask=attn,
+        loss_mask=loss_mask,
+        behaviour_logprobs=behaviour,
+        advantages=advantages,
+    )
+    return batch
+
+
+def _place(batch: update.Batch, mesh) -> update.Batch:
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(update.BATCH_AXES))
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: jax.device_put(x, spec), batch)
+    # Every process built its own rows; together they form the global batch.
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training function
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains the policy; returns the last step's metrics. Resumes from `workdir` if it holds a
+    checkpoint, else from `ckpt.resume_from`, else from `model.init_from`, else from scratch."""
+    validate(config)
+    return asyncio.run(_train(config, pathlib.Path(workdir).expanduser().absolute()))
+
+
+async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, float]:
+    # ----------------------------------------------------------------------------------------
+    # Setup: mesh, logging.
+    # ----------------------------------------------------------------------------------------
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = _Writer(workdir, is_main)
+    g = config.grpo
+    num_local_questions = g.questions_per_step // jax.process_count()
+    if num_local_questions * jax.process_count() != g.questions_per_step:
+        raise build.ConfigError(
+            f"grpo.questions_per_step={g.questions_per_step} must divide among "
+            f"{jax.process_count()} processes."
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Data: this process's share of the training questions, and the eval examples.
+    # ----------------------------------------------------------------------------------------
+    train_examples = build.examples(config, config.data.train_split)
+    eval_examples = build.examples(config, config.data.eval_split, for_eval=True)
+    if config.data.num_eval > 0:
+        eval_examples = eval_examples[: config.data.num_eval]
+    data_iter = pipeline.ExampleIterator(
+        train_examples,
+        seed=config.seed,
+        shard_index=jax.process_index(),
+        num_shards=jax.process_count(),
+    )
+    index_of = {e.task_id: i for i, e in enumerate(train_examples)}
+    tools = build.tools(config)
+
+    # ----------------------------------------------------------------------------------------
+    # Model, optimizer, queue; resume order: workdir > ckpt.resume_from > init_from > scratch.
+    # ----------------------------------------------------------------------------------------
+    tokenizer = _tokenizer(config, workdir, train_examples)
+    dtype = build.dtype(config)
+    model_config = _model_config(config, tokenizer)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise build.ConfigError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size} (model.vocab_size / config.json)."
+        )
+    if config.model.init_from:
+        model, _ = params_lib.load_pretrained(config.model.init_from, dtype=dtype, mesh=mesh)
+    else:
+        model = model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype)
+        model = sharding.shard_model(model, mesh)
+    graphdef, params = nnx.split(model)
+    optimizer = build.optimizer(config, config.total_steps)
+    opt_state = optimizer.init(params)
+    ref_params = jax.tree.map(jnp.copy, params) if g.beta > 0 else None
+    queue = buffer.SampleQueue(
+        num_questions=len(train_examples),
+        per_question=config.queue.per_question,
+        max_len=config.agent.max_total_tokens,
+        threshold=config.queue.threshold,
+        max_replay=config.queue.max_replay if config.queue.enabled else 0,
+        max_staleness=config.queue.max_staleness,
+        seed=config.seed,
+        mesh=mesh,
+    )
+    rng = jax.random.key(config.seed)
+    step, counters = 0, {"fresh_episodes": 0, "replayed_episodes": 0, "tokens": 0}
+
+    ckpt = checkpoint.Checkpointer(
+        str(workdir / "checkpoints"), max_to_keep=config.ckpt.max_to_keep
+    )
+
+    def ckpt_state():
+        return {
+            "params": params,
+            "opt_state": opt_state,
+            "queue": queue.state,
+            "rng": jax.random.key_data(rng),
+        }
+
+    restored = ckpt.restore_latest(ckpt_state())
+    source = "workdir"
+    if restored is None and config.ckpt.resume_from:
+        restored = checkpoint.restore_from(config.ckpt.resume_from, ckpt_state())
+        source = config.ckpt.resume_from
+    if restored is not None:
+        step, state, meta = restored
+        params, opt_state = state["params"], state["opt_state"]
+        queue.state = state["queue"]
+        rng = jax.random.wrap_key_data(state["rng"])
+        queue.load_host_state(meta["queue"])
+        data_iter.set_state(meta["data"])
+        counters = meta["counters"]
+        log.info("Resumed from %s at step %d.", source, step)
+    elif config.model.init_from:
+        log.info("Starting from %s.", config.model.init_from)
+    else:
+        log.info("Starting from scratch (%s).", config.model.preset)
+    if step >= config.total_steps:
+        log.warning(
+            "The checkpoint in %s is at step %d >= total_steps=%d: nothing to train. Raise "
+            "total_steps to continue this run.",
+            source,
+            step,
+            config.total_steps,
+        )
+
+    engine = engine_lib.Engine(
+        nnx.merge(graphdef, params),
+        num_slots=config.engine.num_slots,
+        max_len=config.engine.max_len,
+    )
+    train_step = update.make_train_step(
+        graphdef,
+        optimizer,
+        build.loss_config(config),
+        num_microbatches=config.optim.num_microbatches,
+        mesh=mesh,
+    )
+    agent_config = build.agent_config(config)
+    judge = build.judge(config)
+    eval_judge = build.judge(config, for_eval=True)
+    reward_config = build.reward_config(config)
+    num_rows = num_local_questions * g.group_size
+
+    # ----------------------------------------------------------------------------------------
+    # The loop.
+    # ----------------------------------------------------------------------------------------
+    bar = tqdm.tqdm(
+        total=config.total_steps,
+        initial=step,
+        desc="train",
+        disable=not (is_main and config.log.progress_bar and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+    metrics: dict[str, float] = {}
+    compiles = _CompileCounter()
+    async with build.sandbox_pool(config, tools) as pool:
+        while step < config.total_steps:
+            t_step = time.perf_counter()
+            compiles_before = compiles.count
+            policy_version = step
+
+            # Questions: with the queue, untried ones come from the data iterator in shuffled
+            # order and tried ones are re-selected by learnability p(1 - p); without it, plain
+            # passes over the data.
+            if config.queue.enabled:
+                untried = (index_of[e.task_id] for e in data_iter)
+                chosen = queue.select_questions(num_local_questions, untried=untried)
+            else:
+                chosen = [index_of[next(data_iter).task_id] for _ in range(num_local_questions)]
+            plans = [queue.plan(i, g.group_size, policy_version) for i in chosen]
+            requests = [
+                rollout.GroupRequest(train_examples[i], plan.num_fresh, gid)
+                for gid, (i, plan) in enumerate(zip(chosen, plans, strict=True))
+            ]
+
+            # Rollout; each group is judged as soon as all its episodes have ended.
+            scored: dict[int, Any] = {}
+            t_judge = 0.0
+
+            async def on_group(group: rollout.Group, plans=plans, scored=scored) -> None:
+                nonlocal t_judge
+                t0 = time.perf_counter()
+                trajs = group.trajectories + plans[group.group_id].replays
+                scored[group.group_id] = await reward_lib.score_group(
+                    trajs,
+                    question=group.example.question,
+                    reference=group.example.answer,
+                    judge=judge,
+                    config=reward_config,
+                )
+                t_judge += time.perf_counter() - t0
+
+            sampling = build.sampling(config, seed=(config.seed * 1_000_003 + step) % 2**32)
+            stats = await rollout.rollout(
+                requests,
+                engine=engine,
+                tokenizer=tokenizer,
+                pool=pool,
+                config=agent_config,
+                sampling=sampling,
+                policy_version=policy_version,
+                on_group=on_group,
+            )
+
+            # Queue: record outcomes, cache good trajectories, restore signal in flat groups.
+            groups, num_dropped, num_flat = [], 0, 0
+            for gid, i in enumerate(chosen):
+                result = scored[gid]
+                if isinstance(result, reward_lib.DroppedGroup):
+                    log.warning("Dropping group of %s: %s", result.task_id, result.reason)
+                    num_dropped += 1
+                    continue
+                trajs = list(result)
+                fresh = [t for t in trajs if not t.replayed]
+                queue.update_stats(i, [t.reward_components.get("answer", 0.0) for t in fresh])
+                queue.insert(i, fresh, policy_version)
+                if len({t.reward for t in trajs}) == 1:
+                    if config.queue.enabled and config.queue.restore_zero_variance:
+                        trajs = queue.restore_signal(i, trajs, policy_version)
+                    num_flat += len({t.reward for t in trajs}) == 1
+                groups.append(trajs)
+
+            # Update.
+            t_update = time.perf_counter()
+            batch = make_batch(
+                groups,
+                num_rows=num_rows,
+                length=config.agent.max_total_tokens,
+                scale=g.scale_advantages,
+                drop_truncated=g.drop_truncated,
+            )
+            batch = _place(batch, mesh)
+            for _ in range(g.updates_per_batch):
+                params, opt_state, update_metrics = train_step(params, opt_state, batch, ref_params)
+            engine.set_params(params)
+            update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
+            t_update = time.perf_counter() - t_update
+            step += 1
+
+            # Metrics.
+            all_trajs = [t for trajs in groups for t in trajs]
+            fresh_trajs = [t for t in all_trajs if not t.replayed]
+            rewards = np.array([t.reward for t in all_trajs] or [0.0])
+            answers = np.array([t.reward_components.get("answer", 0.0) for t in fresh_trajs] or [0])
+            counters["fresh_episodes"] += stats.num_episodes
+            counters["replayed_episodes"] += len(all_trajs) - len(fresh_trajs)
+            counters["tokens"] += stats.num_sampled_tokens
+            wall = time.perf_counter() - t_step
+            metrics = {
+                "reward/mean": float(rewards.mean()),
+                "reward/std": float(rewards.std()),
+                "reward/accuracy": float((answers >= 1.0).mean()),
+                "groups/zero_variance_share": num_flat / max(len(groups), 1),
+                "groups/dropped": float(num_dropped),
+                "agent/turns_per_episode": stats.num_turns / max(stats.num_episodes, 1),
+                "agent/code_runs_per_episode": stats.num_code_runs / max(stats.num_episodes, 1),
+                "agent/parse_error_rate": stats.num_format_errors / max(stats.num_turns, 1),
+                "agent/answered_rate": stats.statuses.get("answered", 0)
+                / max(stats.num_episodes, 1),
+                "samples/fresh_total": float(counters["fresh_episodes"]),
+                "samples/replayed_total": float(counters["replayed_episodes"]),
+                "throughput/sampled_tokens_per_s": stats.num_sampled_tokens
+                / max(stats.wall_s, 1e-9),
+                "compiles": float(compiles.count - compiles_before),
+                "time/step_s": wall,
+                "time/rollout_s": stats.wall_s,
+                "time/engine_s": stats.engine_s,
+                "time/engine_idle_s": stats.engine_idle_s,
+                "time/sandbox_s": stats.sandbox_s,
+                "time/judge_s": t_judge,
+                "time/update_s": t_update,
+                **{f"update/{k}": v for k, v in update_metrics.items()},
+            }
+            if step % config.log.every_steps == 0 or step == config.total_steps:
+                writer.write(step, metrics)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}"
+            )
+
+            # Checkpoint.
+            if step % config.ckpt.every_steps == 0 or step == config.total_steps:
+                meta = {
+                    "step": step,
+                    "data": data_iter.get_state(),
+                    "queue": queue.host_state(),
+                    "counters": counters,
+                }
+                ckpt.save(step, ckpt_state(), meta)
+
+            # Evaluation.
+            if config.log.eval_every_steps and (
+                step % config.log.eval_every_steps == 0 or step == config.total_steps
+            ):
+                result = await evaluation.evaluate(
+                    eval_examples,
+                    engine=engine,
+                    tokenizer=tokenizer,
+                    pool=pool,
+                    tools=tools,
+                    agent_config=agent_config,
+                    sampling=dataclasses.replace(
+                        build.sampling(config, seed=config.seed), temperature=0.0
+                    ),
+                    num_samples=config.log.num_eval_samples,
+                    judge=eval_judge,
+                    progress=False,
+                    policy_version=step,
+                )
+                eval_metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
+                writer.write(step, eval_metrics)
+                metrics.update(eval_metrics)
+                if is_main:
+                    evaluation.write_outputs(result, str(workdir / "eval" / f"step_{step}"))
+    bar.close()
+    compiles.close()
+    ckpt.close()
+    writer.close()
+
+    # ----------------------------------------------------------------------------------------
+    # Export: a Hugging Face directory (weights, config, tokenizer) transformers loads as is.
+    # ----------------------------------------------------------------------------------------
+    if config.ckpt.export_hf and is_main:
+        export_dir = workdir / "export"
+        params_lib.save_pretrained(nnx.merge(graphdef, params), model_config, str(export_dir))
+        tokenizer.hf.save_pretrained(str(export_dir))
+        log.info("Exported the policy to %s.", export_dir)
+    with contextlib.suppress(Exception):
+        await judge.aclose()
+    return metrics

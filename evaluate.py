@@ -54,7 +54,13 @@ def _tools(config) -> list:
     tools = [files.inspect_file_tool]
     corpus = config.sandbox.search_corpus
     if corpus == "synthetic":
-        name = config.data.config or "default"
+        # The corpus must come from the same world (seed) as the synthetic questions.
+        name = (config.data.name == "synthetic" and config.data.config) or "default"
+        if name not in synthetic.SyntheticTasks.builder_configs:
+            raise ValueError(
+                f"data.config {name!r} is not a synthetic builder config; known: "
+                f"{sorted(synthetic.SyntheticTasks.builder_configs)}"
+            )
         seed = synthetic.SyntheticTasks.builder_configs[name].seed
         tools.append(search.make_search_tool(synthetic.corpus(seed)))
     elif corpus:

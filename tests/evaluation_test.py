@@ -74,7 +74,9 @@ Q2 = types.Example("q2", "Name two capitals.", "Paris, Rome", 2, files={"notes.t
 
 def hand_built_records():
     """Two questions, three samples each, covering every status and verdict kind."""
-    no_code = trajectory_lib.Turn("I think it is 6.", None, "Observation:\nformat", "parse_error")
+    no_code = trajectory_lib.Turn(
+        "I think it is 6.\x07", None, "Observation:\nformat", "parse_error"
+    )
     episodes = [
         (Q1, ["x = add(2, 3)\nprint(x)", "final_answer(x)"], ["ok", "ok"], "5", "answered"),
         (Q1, [no_code, "final_answer(6)"], ["parse_error", "ok"], "6", "answered"),
@@ -266,6 +268,9 @@ def test_write_outputs(tmp_path):
     assert parsed.scripts == 0
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "close &lt;b&gt;enough&lt;/b&gt;" in page
+    # A control character the policy wrote is shown, not dropped; the JSONL keeps it as it is.
+    assert "I think it is 6.\\x07" in page and "\x07" not in page
+    assert lines[1]["turns"][0]["text"] == "I think it is 6.\x07"
     assert "http://" not in page and "https://" not in page
 
 

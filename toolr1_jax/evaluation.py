@@ -457,8 +457,14 @@ input[name="filter"] { display: none; }
 """
 
 
+# C0 controls other than tab and newline (an untrained policy samples them) are shown as
+# escapes: HTML forbids them as text, and invisible they would hide what the policy wrote.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    text = _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group(0)):02x}", str(value))
+    return html.escape(text, quote=True)
 
 
 def _format_metric(value: Any) -> str:

@@ -379,7 +379,8 @@ async def test_lockstep_baseline_waits_for_the_slowest_tool(scripted, tokenizer)
 async def test_episodes_beyond_the_slots_queue_and_hand_over_slots(scripted, tokenizer):
     example = types.Example("q", "What is 2 + 3?", "5", 1)
     turns = [
-        "Thought: add.\n<code>\ns = 2 + 3\nprint(s)\n</code>",
+        # A tool slower than a decode chunk, so that waiting episodes take over its slot.
+        "Thought: add.\n<code>\nimport time\ntime.sleep(0.3)\ns = 2 + 3\nprint(s)\n</code>",
         "Thought: done.\n<code>\nfinal_answer(s)\n</code>",
     ]
     async with pool_lib.SandboxPool(2, 5.0, 512, preload=()) as pool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -54,9 +55,9 @@ class AgentConfig:
     observation_role: str = "user"
     accept_text_answer: bool = True  # a "FINAL ANSWER: x" line without code ends the episode
     decode_chunk_steps: int = 16  # decode steps per engine call: stop-handling latency vs overhead
-    # While an episode waits on a tool and others wait for a slot, hand its slot over and
-    # re-prefill its history when the observation is ready (see `rollout`).
-    release_slots_during_tools: bool = False
+    # When episodes wait for a slot while others' tools run longer than a decode chunk, hand
+    # those slots over and re-prefill the history when the observation is back (see `rollout`).
+    release_slots_during_tools: bool = True
     # Baseline for benchmarks: every turn waits until all live episodes' tools are done.
     lockstep: bool = False
 
@@ -196,6 +197,7 @@ class _Episode:
         self.deadline = math.inf
         self.ran_code = False
         self.pending: list[int] | None = None  # observation delta waiting to be appended
+        self.tool_start = 0.0
         self.done = False
 
 
@@ -270,6 +272,8 @@ class _Rollout:
         self.decoding: dict[int, _Episode] = {}  # slot -> episode
         self.releases: list[int] = []
         self.num_live = 0  # episodes holding a slot (or about to)
+        self.in_tool: dict[int, _Episode] = {}  # slot -> episode waiting on its tool
+        self.last_chunk_s = 0.0
         self.num_unfinished = 0
         self.tool_tasks: set[asyncio.Task] = set()
         self.close_tasks: set[asyncio.Task] = set()
@@ -352,6 +356,7 @@ class _Rollout:
             for ep in self.ready:
                 appends.append((ep, ep.pending, self._turn_sampling(ep, len(ep.pending))))
             self.ready = []
+            self._hand_over_slots()
             # Episodes coming back from a tool finish before new ones start.
             while (self.returning or self.queue) and self.num_live < self.engine.num_slots:
                 ep = (self.returning or self.queue).popleft()
@@ -367,10 +372,12 @@ class _Rollout:
             if ep.pending is not None:
                 self._commit_delta(ep, ep.pending)
         if not (appends or adds or self.decoding):
-            # Nothing can decode: every live episode waits on a tool. Sleep until one is back.
+            # Nothing can decode: every live episode waits on a tool. Sleep until one is back,
+            # or until a slot may be handed over to a waiting episode.
             t0 = time.perf_counter()
             self.wake.clear()
-            await self.wake.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self._hand_over_wait_s())
             self.times["idle"] += time.perf_counter() - t0
             return
         releases, self.releases = self.releases, []
@@ -382,7 +389,8 @@ class _Rollout:
             [(ep.slot, delta, sp) for ep, delta, sp in appends],
             [(tokens, sp) for _, tokens, sp in adds],
         )
-        self.times["engine"] += time.perf_counter() - t0
+        self.last_chunk_s = time.perf_counter() - t0
+        self.times["engine"] += self.last_chunk_s
         self.counts["engine_calls"] += 1
         for ep, _, _ in appends:
             self.decoding[ep.slot] = ep
@@ -399,6 +407,40 @@ class _Rollout:
             if now > ep.deadline:
                 del self.decoding[slot]
                 self._finish(ep, "timeout")
+
+    def _hand_over_slots(self) -> None:
+        """Frees the slots of episodes whose tool outlasted a decode chunk, while others wait.
+
+        A slot waiting on a tool decodes nothing; a queued episode could use it. The price is a
+        re-prefill of the history when the observation is back, so tools that return within a
+        chunk keep their slot. The newest waits go first: with similar latencies they have the
+        longest left to wait.
+        """
+        if not self.config.release_slots_during_tools or self.config.lockstep:
+            return
+        waiting = len(self.returning) + len(self.queue)
+        free = self.engine.num_slots - self.num_live
+        now = time.perf_counter()
+        for ep in sorted(self.in_tool.values(), key=lambda e: -e.tool_start):
+            if waiting <= free:
+                break
+            if now - ep.tool_start >= self.last_chunk_s:
+                del self.in_tool[ep.slot]
+                self.releases.append(ep.slot)
+                ep.slot = None
+                self.num_live -= 1
+                free += 1
+
+    def _hand_over_wait_s(self) -> float | None:
+        """How long the idle driver may sleep before a slot can be handed over (None: forever)."""
+        if not self.config.release_slots_during_tools or self.config.lockstep:
+            return None
+        if not (self.returning or self.queue):
+            return None
+        if not self.in_tool:
+            return None
+        soonest = min(ep.tool_start for ep in self.in_tool.values()) + self.last_chunk_s
+        return max(soonest - time.perf_counter(), 0.0)
 
     def _engine_call(self, releases, appends, adds, decode=True):
         """Runs on the engine thread: every engine call happens here, one at a time."""
@@ -444,11 +486,8 @@ class _Rollout:
         elif parsed.code is not None:
             ep.ran_code = True
             self.counts["code_runs"] += 1
-            if self.config.release_slots_during_tools and self.queue and not self.config.lockstep:
-                # Someone waits for a slot: give this one up and re-prefill on return.
-                self.releases.append(ep.slot)
-                ep.slot = None
-                self.num_live -= 1
+            ep.tool_start = time.perf_counter()
+            self.in_tool[ep.slot] = ep
             task = asyncio.create_task(self._run_code(ep, text, parsed.code))
             self.tool_tasks.add(task)
             task.add_done_callback(self._tool_done)
@@ -521,6 +560,7 @@ class _Rollout:
         if ep.slot is None:
             self.returning.append(ep)
         else:
+            self.in_tool.pop(ep.slot, None)
             self.ready.append(ep)
         self.wake.set()
 
@@ -545,6 +585,7 @@ class _Rollout:
         if ep.slot is not None:
             self.releases.append(ep.slot)
             self.decoding.pop(ep.slot, None)
+            self.in_tool.pop(ep.slot, None)
             ep.slot = None
             self.num_live -= 1
         if ep in self.ready:

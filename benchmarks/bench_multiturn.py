@@ -1,0 +1,123 @@
+"""Multi-turn cost: continuing a slot's cache vs re-prefilling the whole history every turn.
+
+Each of `--episodes` episodes runs 8 turns; a turn appends 64 observation tokens (none on turn
+1, which prefills the prompt) and generates 64 tokens greedily. With continuation a turn costs
+the same however long the history is; re-prefilling pays for the whole history every turn.
+Prints per-turn times of both and, last, time(turn 8) / time(turn 1) for each.
+
+  python benchmarks/bench_multiturn.py
+  python benchmarks/bench_multiturn.py --episodes=16 --hidden=512
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from toolr1_jax import engine as engine_lib
+from toolr1_jax.models import model as model_lib
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=8, help="episodes run side by side (slots)")
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--prompt_tokens", type=int, default=64)
+    p.add_argument("--observation_tokens", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs; the fastest is reported")
+    return p.parse_args()
+
+
+def run_episodes(engine, prompts, observations, sampling, continuation: bool):
+    """Runs all episodes turn by turn; returns per-turn seconds and every episode's tokens."""
+    histories = [list(p) for p in prompts]
+    slots = [None] * len(prompts)
+    turn_s = []
+    for turn in range(len(observations[0]) + 1):
+        t0 = time.perf_counter()
+        for i, history in enumerate(histories):
+            if turn == 0:
+                slots[i] = engine.add(history, sampling)
+                continue
+            obs = observations[i][turn - 1]
+            history += obs
+            if continuation:
+                engine.append(slots[i], obs)
+            else:
+                engine.release(slots[i])
+                slots[i] = engine.add(history, sampling)
+        pending = {slot: i for i, slot in enumerate(slots)}
+        while pending:
+            for out in engine.step(sampling.max_new_tokens):
+                histories[pending.pop(out.slot)] += out.tokens.tolist()
+        turn_s.append(time.perf_counter() - t0)
+    for slot in slots:
+        engine.release(slot)
+    return turn_s, histories
+
+
+def main():
+    args = parse_args()
+    config = model_lib.ModelConfig(
+        model_type="qwen2",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        qkv_bias=True,
+    )
+    model = model_lib.Transformer(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    per_turn = args.observation_tokens + args.new_tokens
+    max_len = args.prompt_tokens + args.turns * per_turn
+    engine = engine_lib.Engine(model, num_slots=args.episodes, max_len=max_len)
+    sampling = engine_lib.SamplingParams(max_new_tokens=args.new_tokens)
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, args.vocab, (args.episodes, args.prompt_tokens)).tolist()
+    # Turn 1 prefills the prompt; turns 2..8 each append an observation first.
+    observations = rng.integers(
+        1, args.vocab, (args.episodes, args.turns - 1, args.observation_tokens)
+    ).tolist()
+
+    results = {}
+    for name, continuation in (("continuation", True), ("re-prefill", False)):
+        run_episodes(engine, prompts, observations, sampling, continuation)  # compiles
+        compilations = engine.num_compilations
+        runs = [
+            run_episodes(engine, prompts, observations, sampling, continuation)
+            for _ in range(args.repeats)
+        ]
+        assert engine.num_compilations == compilations, f"{name}: timed runs recompiled"
+        turn_s = np.min([r[0] for r in runs], axis=0)
+        results[name] = (turn_s, runs[0][1])
+
+    same = results["continuation"][1] == results["re-prefill"][1]
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; {args.episodes} episodes x "
+        f"{args.turns} turns, prompt {args.prompt_tokens}, +{args.observation_tokens} observation "
+        f"and {args.new_tokens} generated tokens per turn, max_len {max_len}"
+    )
+    print(f"identical tokens with continuation and re-prefill: {same}")
+    print("turn  " + "".join(f"{k:>8}" for k in range(1, args.turns + 1)) + "   (seconds)")
+    for name, (turn_s, _) in results.items():
+        print(f"{name:<12}" + "".join(f"{s:8.3f}" for s in turn_s))
+    print(f"--- ratios: time(turn {args.turns}) / time(turn 1) ---")
+    for name, (turn_s, _) in results.items():
+        print(f"{name:<12} {turn_s[-1] / turn_s[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

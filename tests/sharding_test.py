@@ -82,13 +82,22 @@ def qwen2_dir(tmp_path_factory):
     return helpers.make_hf_model_dir(tmp_path_factory.mktemp("shard"), "qwen2")
 
 
-def test_load_pretrained_places_sharded(qwen2_dir, mesh):
-    model, _ = params.load_pretrained(qwen2_dir, mesh=mesh)
+def test_load_pretrained_places_sharded(qwen2_dir, mesh, tmp_path):
+    model, config = params.load_pretrained(qwen2_dir, mesh=mesh)
     for path, spec in EXPECTED.items():
         assert _spec(model, path) == spec, path
     wq = model.layers[0].attn.wq_dnh[...]
     # Each device holds a quarter of wq: D split over fsdp, N over tensor.
     assert wq.addressable_shards[0].data.shape == (32, 2, 16)
+    # Saving gathers the shards: the export holds the same weights as an unsharded load.
+    params.save_pretrained(model, config, tmp_path / "export")
+    again, _ = params.load_pretrained(tmp_path / "export")
+    reference, _ = params.load_pretrained(qwen2_dir)
+    leaves = zip(
+        jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(reference)), strict=True
+    )
+    for a, b in leaves:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_shard_model_and_sharded_forward(qwen2_dir, mesh):

@@ -312,8 +312,8 @@ def load_pretrained(
             f"(unsupported architecture variant?): {', '.join(unexpected[:8])}."
         )
 
-    model = nnx.eval_shape(lambda: model_lib.Transformer(config, rngs=nnx.Rngs(0), dtype=dtype))
-    np_dtype = np.dtype(dtype)
+    np_dtype = jnp.dtype(dtype)  # also accepts names such as "bfloat16"
+    model = nnx.eval_shape(lambda: model_lib.Transformer(config, rngs=nnx.Rngs(0), dtype=np_dtype))
     for t in expected:
         param = _get_param(model, t.path)
         array = _open(files[t.hf_name], lambda f, name=t.hf_name: f.get_tensor(name))

@@ -50,140 +50,75 @@ class _Tensor:
     to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _transpose(x):
-    return x.T
+def _plain(hf_name, path, shape) -> _Tensor:
+    return _Tensor(hf_name, path, shape, lambda x: x, lambda x: x)
 
 
-def _identity(x):
-    return x
+def _dense(hf_name, path, out_dim, in_dim) -> _Tensor:
+    """HF linear weight [out, in] <-> ours [in, out]."""
+    return _Tensor(hf_name, path, (out_dim, in_dim), lambda x: x.T, lambda x: x.T)
 
 
-def _reshape(shape):
-    return lambda x: x.reshape(shape)
+def _heads_in(hf_name, path, heads, h, d) -> _Tensor:
+    """q/k/v projection: HF [heads * H, D] <-> ours [D, heads, H]."""
+    return _Tensor(
+        hf_name,
+        path,
+        (heads * h, d),
+        lambda x: x.T.reshape(d, heads, h),
+        lambda x: x.reshape(d, heads * h).T,
+    )
+
+
+def _heads_out(hf_name, path, n, h, d) -> _Tensor:
+    """o projection: HF [D, N * H] <-> ours [N, H, D]."""
+    return _Tensor(
+        hf_name, path, (d, n * h), lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T
+    )
+
+
+def _bias(hf_name, path, heads, h) -> _Tensor:
+    """q/k/v bias: HF [heads * H] <-> ours [heads, H]."""
+    return _Tensor(
+        hf_name, path, (heads * h,), lambda x: x.reshape(heads, h), lambda x: x.reshape(heads * h)
+    )
 
 
 def tensor_map(config: model_lib.ModelConfig) -> list[_Tensor]:
-    """Every parameter of `Transformer(config)` with its HF name, HF shape and layout transforms.
-
-    HF linear weights are [out, in]; ours are [in, out] with heads split out (e.g. `wq_dnh`).
-    """
+    """Every parameter of `Transformer(config)` with its HF name, HF shape and layout transforms."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
-    out = [_Tensor("model.embed_tokens.weight", ("embed_vd",), (v, d), _identity, _identity)]
+    out = [_plain("model.embed_tokens.weight", ("embed_vd",), (v, d))]
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", ("layers", i)
         attn = (*ours, "attn")
         out += [
-            _Tensor(
-                hf + "self_attn.q_proj.weight",
-                (*attn, "wq_dnh"),
-                (n * h, d),
-                lambda x: x.T.reshape(d, n, h),
-                lambda x: x.reshape(d, n * h).T,
-            ),
-            _Tensor(
-                hf + "self_attn.k_proj.weight",
-                (*attn, "wk_dkh"),
-                (k * h, d),
-                lambda x: x.T.reshape(d, k, h),
-                lambda x: x.reshape(d, k * h).T,
-            ),
-            _Tensor(
-                hf + "self_attn.v_proj.weight",
-                (*attn, "wv_dkh"),
-                (k * h, d),
-                lambda x: x.T.reshape(d, k, h),
-                lambda x: x.reshape(d, k * h).T,
-            ),
-            _Tensor(
-                hf + "self_attn.o_proj.weight",
-                (*attn, "wo_nhd"),
-                (d, n * h),
-                lambda x: x.T.reshape(n, h, d),
-                lambda x: x.reshape(n * h, d).T,
-            ),
+            _heads_in(hf + "self_attn.q_proj.weight", (*attn, "wq_dnh"), n, h, d),
+            _heads_in(hf + "self_attn.k_proj.weight", (*attn, "wk_dkh"), k, h, d),
+            _heads_in(hf + "self_attn.v_proj.weight", (*attn, "wv_dkh"), k, h, d),
+            _heads_out(hf + "self_attn.o_proj.weight", (*attn, "wo_nhd"), n, h, d),
         ]
         if config.qkv_bias:
             out += [
-                _Tensor(
-                    hf + "self_attn.q_proj.bias",
-                    (*attn, "bq_nh"),
-                    (n * h,),
-                    _reshape((n, h)),
-                    _reshape((n * h,)),
-                ),
-                _Tensor(
-                    hf + "self_attn.k_proj.bias",
-                    (*attn, "bk_kh"),
-                    (k * h,),
-                    _reshape((k, h)),
-                    _reshape((k * h,)),
-                ),
-                _Tensor(
-                    hf + "self_attn.v_proj.bias",
-                    (*attn, "bv_kh"),
-                    (k * h,),
-                    _reshape((k, h)),
-                    _reshape((k * h,)),
-                ),
+                _bias(hf + "self_attn.q_proj.bias", (*attn, "bq_nh"), n, h),
+                _bias(hf + "self_attn.k_proj.bias", (*attn, "bk_kh"), k, h),
+                _bias(hf + "self_attn.v_proj.bias", (*attn, "bv_kh"), k, h),
             ]
         if config.qk_norm:
             out += [
-                _Tensor(
-                    hf + "self_attn.q_norm.weight",
-                    (*attn, "q_norm", "scale"),
-                    (h,),
-                    _identity,
-                    _identity,
-                ),
-                _Tensor(
-                    hf + "self_attn.k_norm.weight",
-                    (*attn, "k_norm", "scale"),
-                    (h,),
-                    _identity,
-                    _identity,
-                ),
+                _plain(hf + "self_attn.q_norm.weight", (*attn, "q_norm", "scale"), (h,)),
+                _plain(hf + "self_attn.k_norm.weight", (*attn, "k_norm", "scale"), (h,)),
             ]
         out += [
-            _Tensor(
-                hf + "input_layernorm.weight",
-                (*ours, "attn_norm", "scale"),
-                (d,),
-                _identity,
-                _identity,
-            ),
-            _Tensor(
-                hf + "post_attention_layernorm.weight",
-                (*ours, "mlp_norm", "scale"),
-                (d,),
-                _identity,
-                _identity,
-            ),
-            _Tensor(
-                hf + "mlp.gate_proj.weight",
-                (*ours, "mlp", "w_gate_df"),
-                (f, d),
-                _transpose,
-                _transpose,
-            ),
-            _Tensor(
-                hf + "mlp.up_proj.weight",
-                (*ours, "mlp", "w_up_df"),
-                (f, d),
-                _transpose,
-                _transpose,
-            ),
-            _Tensor(
-                hf + "mlp.down_proj.weight",
-                (*ours, "mlp", "w_down_fd"),
-                (d, f),
-                _transpose,
-                _transpose,
-            ),
+            _plain(hf + "input_layernorm.weight", (*ours, "attn_norm", "scale"), (d,)),
+            _plain(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "scale"), (d,)),
+            _dense(hf + "mlp.gate_proj.weight", (*ours, "mlp", "w_gate_df"), f, d),
+            _dense(hf + "mlp.up_proj.weight", (*ours, "mlp", "w_up_df"), f, d),
+            _dense(hf + "mlp.down_proj.weight", (*ours, "mlp", "w_down_fd"), d, f),
         ]
-    out.append(_Tensor("model.norm.weight", ("final_norm", "scale"), (d,), _identity, _identity))
+    out.append(_plain("model.norm.weight", ("final_norm", "scale"), (d,)))
     if not config.tie_word_embeddings:
-        out.append(_Tensor("lm_head.weight", ("lm_head_dv",), (v, d), _transpose, _transpose))
+        out.append(_dense("lm_head.weight", ("lm_head_dv",), v, d))
     return out
 
 

@@ -335,6 +335,18 @@ class ForcedModel(nnx.Module):
         return logits + 1e4 * jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype), cache
 
 
+def random_transformer(config: model_lib.ModelConfig) -> model_lib.Transformer:
+    """A Transformer with random weights drawn on the host: initialising through nnx.Rngs runs
+    one small device program per parameter, which costs seconds on a busy CPU."""
+    model = nnx.eval_shape(lambda: model_lib.Transformer(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape).astype(s.dtype)), nnx.state(model)
+    )
+    nnx.update(model, state)
+    return model
+
+
 class LenientJudge(judge_lib.Judge):
     """Accepts every answer, and fails on questions that mention `fail_on`."""
 
@@ -388,7 +400,7 @@ async def test_evaluate_runs_grades_and_judges_every_episode(tmp_path, capsys):
         head_dim=16,
         qkv_bias=True,
     )
-    model = ForcedModel(model_lib.Transformer(inner_config, rngs=nnx.Rngs(0)), script)
+    model = ForcedModel(random_transformer(inner_config), script)
     engine = engine_lib.Engine(model, num_slots=4, max_len=MAX_LEN)
     judge = LenientJudge(fail_on="7")
     async with pool_lib.SandboxPool(2, 10.0, 512, tools=[add], preload=()) as pool:

@@ -14,17 +14,11 @@ import asyncio
 import json
 import os
 
-import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from toolr1_jax import build, evaluation, models
 from toolr1_jax import engine as engine_lib
-from toolr1_jax import evaluation, models
-from toolr1_jax.agent import prompt, rollout
-from toolr1_jax.data import pipeline, synthetic
-from toolr1_jax.rewards import judge as judge_lib
-from toolr1_jax.sandbox import pool as pool_lib
-from toolr1_jax.tools import files, search, web
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _MODEL = flags.DEFINE_string(
@@ -39,71 +33,6 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["config", "output_dir"])
 
 
-def _levels(text: str) -> tuple[int, ...] | None:
-    if not text.strip():
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise ValueError(f"data.levels must be comma-separated integers, got {text!r}") from e
-
-
-def _tools(config) -> list:
-    """The agent's tools as the config describes them: file inspection always, local search and
-    the web when configured."""
-    tools = [files.inspect_file_tool]
-    corpus = config.sandbox.search_corpus
-    if corpus == "synthetic":
-        # The corpus must come from the same world (seed) as the synthetic questions.
-        name = (config.data.name == "synthetic" and config.data.config) or "default"
-        if name not in synthetic.SyntheticTasks.builder_configs:
-            raise ValueError(
-                f"data.config {name!r} is not a synthetic builder config; known: "
-                f"{sorted(synthetic.SyntheticTasks.builder_configs)}"
-            )
-        seed = synthetic.SyntheticTasks.builder_configs[name].seed
-        tools.append(search.make_search_tool(synthetic.corpus(seed)))
-    elif corpus:
-        raise ValueError(f"sandbox.search_corpus must be '' or 'synthetic', got {corpus!r}")
-    if config.sandbox.web_search_url:
-        key_env = config.sandbox.web_api_key_env
-        tools.extend(web.make_web_tools(config.sandbox.web_search_url, os.environ.get(key_env)))
-    return tools
-
-
-def _judge(config) -> judge_lib.Judge | None:
-    r = config.reward
-    if r.judge == "rule":
-        # The rule judge is the GAIA scorer itself: its agreement with the scorer says nothing.
-        return None
-    if r.judge == "openai":
-        return judge_lib.make_judge(
-            "openai",
-            base_url=r.judge_url,
-            model=r.judge_model,
-            api_key=os.environ.get(r.judge_api_key_env, "") if r.judge_api_key_env else "",
-            timeout_s=r.judge_timeout_s,
-            max_concurrency=r.judge_max_concurrency,
-        )
-    if r.judge == "local":
-        return judge_lib.make_judge("local", model_dir=r.judge_model)
-    raise ValueError(f"reward.judge must be rule, openai or local, got {r.judge!r}")
-
-
-def _agent_config(config) -> rollout.AgentConfig:
-    a = config.agent
-    return rollout.AgentConfig(
-        system_prompt_template=a.system_prompt or prompt.DEFAULT_SYSTEM_PROMPT_TEMPLATE,
-        task_template=a.task_template or prompt.DEFAULT_TASK_TEMPLATE,
-        max_turns=a.max_turns,
-        max_total_tokens=a.max_total_tokens,
-        max_new_tokens_per_turn=a.max_new_tokens_per_turn,
-        observation_max_chars=a.observation_max_chars,
-        episode_timeout_s=a.episode_timeout_s,
-        decode_chunk_steps=config.engine.decode_chunk_steps,
-    )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -114,14 +43,7 @@ def main(argv):
     split = _SPLIT.value or config.data.eval_split
     num_samples = _NUM_SAMPLES.value or config.log.num_eval_samples
 
-    examples = pipeline.load_examples(
-        config.data.name,
-        split,
-        data_dir=os.path.expanduser(config.data.data_dir),
-        manual_dir=config.data.manual_dir or None,
-        config=config.data.config or None,
-        levels=_levels(config.data.levels),
-    )
+    examples = build.examples(config, split, for_eval=True)
     if config.data.num_eval > 0:
         examples = examples[: config.data.num_eval]
     logging.info(
@@ -133,29 +55,16 @@ def main(argv):
     )
 
     tokenizer = models.load_tokenizer(config.model.tokenizer or model_dir)
-    model, _ = models.load_pretrained(model_dir, dtype=jnp.dtype(config.model.dtype))
+    model, _ = models.load_pretrained(model_dir, dtype=build.dtype(config))
     engine = engine_lib.Engine(
         model, num_slots=config.engine.num_slots, max_len=config.engine.max_len
     )
-    sampling = engine_lib.SamplingParams(
-        max_new_tokens=config.agent.max_new_tokens_per_turn,
-        temperature=config.agent.temperature,
-        top_p=config.agent.top_p,
-        top_k=config.agent.top_k,
-        seed=config.seed,
-    )
-    tools = _tools(config)
-    imports = [m.strip() for m in config.sandbox.authorized_imports.split(",") if m.strip()]
-    judge = _judge(config)
+    sampling = build.sampling(config, seed=config.seed, for_eval=True)
+    tools = build.tools(config)
+    judge = build.judge(config, for_eval=True)
 
     async def run():
-        async with pool_lib.SandboxPool(
-            config.sandbox.num_workers,
-            config.sandbox.timeout_s,
-            config.sandbox.memory_mb,
-            tools=tools,
-            authorized_imports=imports or None,
-        ) as pool:
+        async with build.sandbox_pool(config, tools) as pool:
             try:
                 return await evaluation.evaluate(
                     examples,
@@ -163,7 +72,7 @@ def main(argv):
                     tokenizer=tokenizer,
                     pool=pool,
                     tools=tools,
-                    agent_config=_agent_config(config),
+                    agent_config=build.agent_config(config),
                     sampling=sampling,
                     num_samples=num_samples,
                     judge=judge,

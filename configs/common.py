@@ -263,6 +263,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.every_steps = 1
     c.log.eval_every_steps = 20
     c.log.num_eval_samples = 1
+    c.log.eval_temperature = 0.0  # 0 = greedy (pass@1); raise it for pass@k with k > 1
     c.log.progress_bar = True
 
     c.distributed = ml_collections.ConfigDict()

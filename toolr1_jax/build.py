@@ -133,11 +133,13 @@ def agent_config(config: ml_collections.ConfigDict) -> rollout.AgentConfig:
     )
 
 
-def sampling(config: ml_collections.ConfigDict, *, seed: int) -> engine_lib.SamplingParams:
+def sampling(
+    config: ml_collections.ConfigDict, *, seed: int, for_eval: bool = False
+) -> engine_lib.SamplingParams:
     a = config.agent
     return engine_lib.SamplingParams(
         max_new_tokens=a.max_new_tokens_per_turn,
-        temperature=a.temperature,
+        temperature=config.log.eval_temperature if for_eval else a.temperature,
         top_p=a.top_p,
         top_k=a.top_k,
         seed=seed,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -551,9 +550,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                     pool=pool,
                     tools=tools,
                     agent_config=agent_config,
-                    sampling=dataclasses.replace(
-                        build.sampling(config, seed=config.seed), temperature=0.0
-                    ),
+                    sampling=build.sampling(config, seed=config.seed, for_eval=True),
                     num_samples=config.log.num_eval_samples,
                     judge=eval_judge,
                     progress=False,

@@ -158,7 +158,6 @@ def sample_tokens(logits, temperature, top_k, top_p, keys):
     vocab = logits.shape[-1]
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]  # [B, V]
-    logprobs = jax.nn.log_softmax(scaled, axis=-1)
 
     def truncate(scaled):
         # top-k first, then top-p over the renormalised top-k set (the order HF and vLLM use).
@@ -173,12 +172,20 @@ def sample_tokens(logits, temperature, top_k, top_p, keys):
         threshold = jnp.take_along_axis(desc, (num_keep - 1)[:, None], axis=-1)  # [B, 1]
         return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
-    # The full-vocab sort is the costly part; skip it when no sampled row filters.
-    needs_filter = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
-    filtered = jax.lax.cond(needs_filter, truncate, lambda x: x, scaled)
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    def draw(scaled):
+        # The full-vocab sort is the costly part; skip it when no sampled row filters.
+        needs_filter = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+        filtered = jax.lax.cond(needs_filter, truncate, lambda x: x, scaled)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+    # Random bits cost as much as a small model's step on CPU: skip them for all-greedy batches.
+    sampled = jax.lax.cond(
+        jnp.all(greedy), lambda x: jnp.zeros(x.shape[:1], jnp.int32), draw, scaled
+    )
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+    # log_softmax at one index, without materialising the [B, V] log-softmax.
+    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - jax.nn.logsumexp(scaled, axis=-1)
 
 
 def _slot_keys(seed, position):

@@ -56,8 +56,10 @@ class AgentConfig:
     accept_text_answer: bool = True  # a "FINAL ANSWER: x" line without code ends the episode
     decode_chunk_steps: int = 16  # decode steps per engine call: stop-handling latency vs overhead
     # When episodes wait for a slot while others' tools run longer than a decode chunk, hand
-    # those slots over and re-prefill the history when the observation is back (see `rollout`).
-    release_slots_during_tools: bool = True
+    # those slots over and re-prefill the history when the observation is back. Pays off when
+    # prefill is cheap next to decode and tools are slow; on CPU the re-prefills cost more than
+    # they save (benchmarks/bench_rollout.py), hence off by default.
+    release_slots_during_tools: bool = False
     # Baseline for benchmarks: every turn waits until all live episodes' tools are done.
     lockstep: bool = False
 

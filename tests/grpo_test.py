@@ -287,3 +287,23 @@ def test_sequence_logprobs_matches_full_logits_and_gradient():
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+def test_sums_over_row_splits_give_the_full_batch_loss(aggregation):
+    logp, prox, beh, ref, adv, mask = random_inputs(4)
+    kw = dict(
+        clip_low=CLIP_LOW,
+        clip_high=CLIP_HIGH,
+        is_cap=IS_CAP,
+        beta=0.1,
+        kl_estimator="k3",
+        aggregation=aggregation,
+    )
+    s, d, _ = grpo.grpo_loss(logp, prox, beh, ref, adv, mask, **kw)
+    parts = [
+        grpo.grpo_loss(logp[i::2], prox[i::2], beh[i::2], ref[i::2], adv[i::2], mask[i::2], **kw)
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(sum(p[0] for p in parts), s, rtol=1e-6)
+    np.testing.assert_allclose(sum(p[1] for p in parts), d, rtol=0)

@@ -126,7 +126,7 @@ def kl_penalty(logp, ref_logp, estimator: str):
     """Per-token estimate of KL(pi_theta || pi_ref) from samples; k1 is deliberately absent."""
     if estimator == "k3":
         d = ref_logp - logp
-        return jnp.exp(d) - d - 1.0
+        return jnp.expm1(d) - d  # exp(d) - 1 - d without the cancellation of exp(d) - 1
     if estimator == "k2":
         return 0.5 * jnp.square(logp - ref_logp)
     raise ValueError(f"Unknown kl_estimator {estimator!r}; expected one of {KL_ESTIMATORS}.")

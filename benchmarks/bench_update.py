@@ -1,0 +1,197 @@
+"""GRPO update throughput: the jitted JAX step vs the same step in PyTorch with transformers.
+
+A tiny random Qwen2-style model is built with transformers, saved, and loaded into the JAX
+`Transformer`; both sides run the same update on the same batch: forward, temperature-scaled
+float32 log-probs, the decoupled clipped GRPO loss (token mean, capped importance weight),
+backward, global-norm clipping and AdamW with warmup. The first step's losses must agree.
+Prints tokens/s of each and their ratio, last.
+
+  python benchmarks/bench_update.py                      # batch 8 x 256 tokens
+  python benchmarks/bench_update.py --hidden=512 --layers=8 --microbatches=2
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from toolr1_jax import update
+from toolr1_jax.models import params as params_lib
+
+LOSS = update.LossConfig(
+    clip_low=0.2,
+    clip_high=0.28,
+    is_cap=2.0,
+    beta=0.0,
+    kl_estimator="k3",
+    aggregation="token_mean",
+    temperature=0.8,
+)
+LR, WARMUP_STEPS, TOTAL_STEPS, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 2, 1000, 0.0, 1.0
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=256, help="sequence length L")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=128, help="LM-head chunk (positions)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
+    return p.parse_args()
+
+
+def make_batch(args):
+    rng = np.random.default_rng(0)
+    b, n = args.batch, args.tokens
+    prompt = n // 4
+    tokens = rng.integers(1, args.vocab, (b, n)).astype(np.int32)
+    loss_mask = np.zeros((b, n), np.float32)
+    loss_mask[:, prompt:] = 1.0
+    behaviour = (-rng.uniform(0.5, 9.0, (b, n)) * loss_mask).astype(np.float32)
+    return {
+        "tokens": tokens,
+        "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
+        "attn_mask": np.ones((b, n), bool),
+        "loss_mask": loss_mask,
+        "behaviour_logprobs": behaviour,
+        "advantages": rng.normal(size=b).astype(np.float32),
+    }
+
+
+def torch_step_fn(hf, batch, microbatches):
+    """The same update in PyTorch: returns a closure running one optimizer step."""
+    opt = torch.optim.AdamW(
+        hf.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / WARMUP_STEPS, 1.0))
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    t["tokens"] = t["tokens"].long()
+    n_tok = t["loss_mask"][:, 1:].sum()
+
+    def micro_loss(rows):
+        logits = hf(input_ids=t["tokens"][rows], attention_mask=t["attn_mask"][rows].long()).logits
+        logits = logits[:, :-1].float() / LOSS.temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, t["tokens"][rows, 1:, None])[..., 0]
+        mask = t["loss_mask"][rows, 1:]
+        adv = t["advantages"][rows, None]
+        ratio = torch.exp(logp - logp.detach())  # on-policy: pi_prox is the current policy
+        clipped = ratio.clamp(1 - LOSS.clip_low, 1 + LOSS.clip_high)
+        pg = torch.maximum(-adv * ratio, -adv * clipped)
+        log_w = torch.where(mask > 0, logp.detach() - t["behaviour_logprobs"][rows, 1:], 0.0)
+        w = torch.exp(log_w).clamp(max=LOSS.is_cap)
+        return (w * pg * mask).sum()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for m in range(microbatches):
+            rows = torch.arange(m, t["tokens"].shape[0], microbatches)
+            loss = micro_loss(rows) / n_tok
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), MAX_GRAD_NORM)
+        opt.step()
+        sched.step()
+        return total
+
+    return step
+
+
+def best_of(repeats, fn):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    args = parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, ")
+    print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    config = transformers.Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.tokens,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf.config._attn_implementation = "sdpa"
+    hf.train()
+    with tempfile.TemporaryDirectory() as workdir:
+        hf.save_pretrained(workdir)
+        model, _ = params_lib.load_pretrained(workdir, dtype=jnp.float32)
+    batch = make_batch(args)
+    tokens_per_step = int(batch["loss_mask"].size)
+    print(
+        f"model: {args.layers} layers, D={args.hidden}, F={args.intermediate}, V={args.vocab}; "
+        f"batch {args.batch} x {args.tokens} tokens, {args.microbatches} micro-batch(es)"
+    )
+
+    # JAX: the first call compiles; later calls reuse the program and donate their inputs.
+    graphdef, state = nnx.split(model)
+    optimizer = update.make_optimizer(
+        LR, WARMUP_STEPS, TOTAL_STEPS, WEIGHT_DECAY, MAX_GRAD_NORM, end_lr_ratio=1.0
+    )
+    opt_state = optimizer.init(state)
+    step = update.make_train_step(
+        graphdef, optimizer, LOSS, num_microbatches=args.microbatches, chunk_size=args.chunk
+    )
+    jbatch = update.Batch(**{k: jnp.asarray(v) for k, v in batch.items()})
+    t0 = time.perf_counter()
+    state, opt_state, metrics = step(state, opt_state, jbatch)
+    jax_loss = float(metrics["loss"])
+    print(f"jax: first step (compile + run) {time.perf_counter() - t0:.1f} s")
+
+    def jax_steps():
+        nonlocal state, opt_state
+        for _ in range(args.steps):
+            state, opt_state, m = step(state, opt_state, jbatch)
+        jax.block_until_ready(m)
+
+    torch_step = torch_step_fn(hf, batch, args.microbatches)
+    torch_loss = torch_step()
+
+    def torch_steps():
+        for _ in range(args.steps):
+            torch_step()
+
+    # Same loss on the same weights before any update (the token-mean counts positions 1..L-1
+    # on both sides: position 0 has no prediction).
+    print(f"first-step loss: jax {jax_loss:.6f}, torch {torch_loss:.6f}")
+    if not np.isclose(jax_loss, torch_loss, rtol=1e-3, atol=1e-5):
+        raise SystemExit("The two implementations disagree on the loss; timings are meaningless.")
+
+    jax_s = best_of(args.repeats, jax_steps) / args.steps
+    torch_s = best_of(args.repeats, torch_steps) / args.steps
+    jax_tps, torch_tps = tokens_per_step / jax_s, tokens_per_step / torch_s
+    print(f"jax:   {jax_s * 1e3:8.1f} ms/step  {jax_tps:10.0f} tokens/s")
+    print(f"torch: {torch_s * 1e3:8.1f} ms/step  {torch_tps:10.0f} tokens/s")
+    print(f"speedup (jax / torch tokens/s): {jax_tps / torch_tps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The jitted update: accumulation equals the full batch, the 2x2x2 mesh equals one device."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from toolr1_jax import sharding, update
+from toolr1_jax.models import model as model_lib
+
+B, L = 8, 12
+LOSS = update.LossConfig(
+    clip_low=0.2,
+    clip_high=0.28,
+    is_cap=2.0,
+    beta=0.05,
+    kl_estimator="k3",
+    aggregation="seq_mean_token_mean",
+    temperature=0.9,
+)
+
+
+CONFIG = model_lib.ModelConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qkv_bias=True,
+)
+
+
+@functools.cache
+def _init(seed):
+    # One jitted init instead of one eager compile per parameter shape.
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Transformer(CONFIG, rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(model_lib.Transformer(CONFIG, rngs=nnx.Rngs(seed))))()
+    return graphdef, state
+
+
+def tiny_model(seed=0):
+    """(graphdef, a fresh copy of the state): steps donate their state."""
+    graphdef, state = _init(seed)
+    return graphdef, jax.tree.map(lambda x: x.copy(), state)
+
+
+@functools.cache
+def _logprob_fn(graphdef):
+    return update.make_logprob_fn(graphdef, LOSS)
+
+
+def make_batch(graphdef, state, seed=0):
+    """Right-padded rows, a prompt prefix outside the loss, and off-policy log-probs."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 64, (B, L)).astype(np.int32)
+    lengths = rng.integers(5, L + 1, B)
+    lengths[0] = L
+    attn = np.arange(L)[None] < lengths[:, None]
+    loss_mask = (attn & (np.arange(L)[None] >= 3)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(L), (B, L)).astype(np.int32)
+    batch = update.Batch(
+        tokens=tokens,
+        positions=positions,
+        attn_mask=attn,
+        loss_mask=loss_mask,
+        behaviour_logprobs=np.zeros((B, L), np.float32),
+        advantages=rng.normal(size=B).astype(np.float32),
+    )
+    lp = np.asarray(_logprob_fn(graphdef)(state, batch))
+    # pi_prox and pi_behaviour differ from the current policy, so the clip and the cap both act.
+    prox = lp + rng.uniform(-0.5, 0.5, (B, L)).astype(np.float32)
+    behaviour = prox - rng.uniform(-1.0, 1.5, (B, L)).astype(np.float32)
+    return batch.replace(behaviour_logprobs=behaviour * loss_mask, prox_logprobs=prox)
+
+
+def ref_params(state):
+    # A frozen reference that differs from the policy, so the KL term is not zero.
+    return jax.tree.map(lambda p: p * 1.05, state)
+
+
+def max_rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+def test_accumulation_over_4_microbatches_equals_full_batch():
+    graphdef, state = tiny_model()
+    batch = make_batch(graphdef, state)
+    ref = ref_params(state)
+    full = update.make_grad_fn(graphdef, LOSS, num_microbatches=1, chunk_size=5)
+    acc = update.make_grad_fn(graphdef, LOSS, num_microbatches=4, chunk_size=5)
+    g_full, m_full = full(state, batch, ref)
+    g_acc, m_acc = acc(state, batch, ref)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(g_acc), jax.tree.leaves(g_full), strict=True
+    ):
+        assert np.abs(np.asarray(b)).max() > 0, path
+        assert max_rel_err(a, b) <= 1e-6, (jax.tree_util.keystr(path), max_rel_err(a, b))
+    assert m_full["clip_frac_low"] > 0 and m_full["clip_frac_high"] > 0
+    assert m_full["is_capped_frac"] > 0 and m_full["kl"] > 0
+    assert m_full["num_tokens"] == batch.loss_mask.sum()
+    for k in m_full:
+        # atol: float32 resolution of the O(1) per-token terms, for means that cancel (pg_loss).
+        np.testing.assert_allclose(m_acc[k], m_full[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_loss_config_and_batch_errors():
+    with pytest.raises(ValueError, match="k1 is not offered"):
+        update.LossConfig(kl_estimator="k1")
+    with pytest.raises(ValueError, match="aggregation"):
+        update.LossConfig(aggregation="sum")
+    with pytest.raises(ValueError, match="total_steps"):
+        update.make_optimizer(1e-3, 10, 10, 0.0, 1.0)
+    graphdef, state = tiny_model()
+    batch = make_batch(graphdef, state)
+    grad_fn = update.make_grad_fn(graphdef, LOSS, num_microbatches=3)
+    with pytest.raises(ValueError, match="not divisible by num_microbatches 3"):
+        grad_fn(state, batch, ref_params(state))
+    with pytest.raises(ValueError, match="needs ref_state"):
+        update.make_grad_fn(graphdef, LOSS)(state, batch)
+
+
+def run_step(mesh):
+    graphdef, state = tiny_model()
+    batch = make_batch(graphdef, state)
+    ref = ref_params(state)
+    if mesh is not None:
+        state = jax.device_put(state, sharding.param_shardings(state, mesh))
+    optimizer = update.make_optimizer(
+        1e-3, warmup_steps=0, total_steps=10, weight_decay=0.1, max_grad_norm=1.0
+    )
+    opt_state = optimizer.init(state)
+    step = update.make_train_step(graphdef, optimizer, LOSS, num_microbatches=2, mesh=mesh)
+    state, opt_state, metrics = step(state, opt_state, batch, ref)
+    return state, opt_state, jax.device_get(metrics), (step, batch, ref)
+
+
+def test_update_on_2x2x2_mesh_equals_single_device():
+    mesh = sharding.make_mesh(2, 2, 2)
+    state_1, opt_1, metrics_1, _ = run_step(None)
+    state_m, opt_m, metrics_m, (step_m, batch, ref) = run_step(mesh)
+
+    for k in metrics_1:
+        np.testing.assert_allclose(metrics_m[k], metrics_1[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # AdamW's first moments hold (1 - b1) * the clipped gradient: the gradients agree.
+    mu_1, mu_m = opt_1[1][0].mu, opt_m[1][0].mu
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(mu_m), jax.tree.leaves(mu_1), strict=True
+    ):
+        assert max_rel_err(a, b) <= 1e-6, (jax.tree_util.keystr(path), max_rel_err(a, b))
+    # Adam's first step is lr * g / (|g| + eps): its derivative in g is lr * eps / (|g| + eps)^2,
+    # so the 1e-6 gradient agreement above allows, per element, the params difference below
+    # (large only where |g| is near eps, e.g. the key bias, whose gradient is almost zero), plus
+    # one float32 ulp of the param for the rounding of p + update.
+    lr, eps = 1e-3, 1e-8
+    for (path, a), b, m in zip(
+        jax.tree_util.tree_leaves_with_path(state_m),
+        jax.tree.leaves(state_1),
+        jax.tree.leaves(mu_1),
+        strict=True,
+    ):
+        g = np.abs(np.asarray(m, np.float64)) / (1 - 0.9)
+        bound = lr * (1e-6 + eps * 1e-6 * g.max() / (g + eps) ** 2)
+        bound += np.spacing(np.abs(np.asarray(b, np.float32))).astype(np.float64)
+        diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+        assert np.all(diff <= bound), (jax.tree_util.keystr(path), (diff / bound).max())
+
+    # The params are sharded over fsdp and tensor, stay so, and a second step reuses the program.
+    wq = state_m["layers"][0]["attn"]["wq_dnh"][...]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert len(wq.addressable_shards) == 8
+    assert step_m.num_compilations == 1
+    state_m, opt_m, metrics_m = step_m(state_m, opt_m, batch, ref)
+    assert step_m.num_compilations == 1
+    assert state_m["layers"][0]["attn"]["wq_dnh"][...].sharding.spec == wq.sharding.spec
+    assert np.isfinite(metrics_m["loss"])
+
+
+def test_steps_raise_logprob_of_positive_advantage_tokens():
+    graphdef, state = tiny_model(seed=1)
+    loss = update.LossConfig(temperature=LOSS.temperature)
+    batch = make_batch(graphdef, state, seed=1)
+    # On-policy: no prox (the step uses its own log-probs) and behaviour = current log-probs.
+    logprob_fn = _logprob_fn(graphdef)
+    lp0 = np.asarray(logprob_fn(state, batch))
+    batch = batch.replace(
+        prox_logprobs=None,
+        behaviour_logprobs=lp0 * batch.loss_mask,
+        advantages=np.where(np.arange(B) % 2 == 0, 1.0, -1.0).astype(np.float32),
+    )
+    optimizer = update.make_optimizer(1e-2, 0, 10, 0.0, 1.0)
+    opt_state = optimizer.init(state)
+    step = update.make_train_step(graphdef, optimizer, loss)
+    state, opt_state, m0 = step(state, opt_state, batch)
+    # At the start of an on-policy step every ratio and importance weight is exactly 1.
+    assert m0["ratio_min"] == m0["ratio_max"] == 1.0
+    np.testing.assert_allclose(m0["is_weight_mean"], 1.0, rtol=1e-6)
+    for _ in range(3):
+        state, opt_state, _ = step(state, opt_state, batch)
+    lp1 = np.asarray(logprob_fn(state, batch))
+    seq_delta = ((lp1 - lp0) * batch.loss_mask).sum(1)
+    assert np.all(seq_delta[0::2] > 0) and np.all(seq_delta[1::2] < 0), seq_delta

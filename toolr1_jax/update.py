@@ -1,0 +1,361 @@
+"""The jitted GRPO update: micro-batched forward and loss, accumulated gradients, optax step.
+
+Usage from the trainer:
+    graphdef, state = nnx.split(model)          # every variable must be an nnx.Param
+    optimizer = make_optimizer(...)
+    opt_state = optimizer.init(state)
+    step = make_train_step(graphdef, optimizer, loss_config, num_microbatches=4, mesh=mesh)
+    state, opt_state, metrics = step(state, opt_state, batch, ref_state)
+`state` and `opt_state` are donated; keep no other reference to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from toolr1_jax import grpo
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    is_cap: float = 2.0  # C in min(pi_prox / pi_behaviour, C)
+    beta: float = 0.0  # KL to the frozen reference; 0 disables it
+    kl_estimator: str = "k3"
+    aggregation: str = "token_mean"
+    temperature: float = 1.0  # the sampler's; logits are divided by it before log-softmax
+
+    def __post_init__(self):
+        if self.aggregation not in grpo.AGGREGATIONS:
+            raise ValueError(
+                f"Unknown aggregation {self.aggregation!r}; expected one of {grpo.AGGREGATIONS}."
+            )
+        if self.kl_estimator not in grpo.KL_ESTIMATORS:
+            raise ValueError(
+                f"Unknown kl_estimator {self.kl_estimator!r}; expected one of "
+                f"{grpo.KL_ESTIMATORS} (k1 is not offered: its per-token estimate is noise)."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+        if self.clip_low < 0 or self.clip_high < 0 or self.is_cap <= 0 or self.beta < 0:
+            raise ValueError(
+                "Need clip_low >= 0, clip_high >= 0, is_cap > 0 and beta >= 0; got "
+                f"{self.clip_low}, {self.clip_high}, {self.is_cap}, {self.beta}."
+            )
+
+
+@struct.dataclass
+class Batch:
+    """One update batch. Per-token arrays are [B, L] and indexed by token position.
+
+    `prox_logprobs`: log-probs under the policy at the start of the update phase. Leave it None
+    when each rollout batch gets one optimizer step: the params then do not change before the
+    step's gradient, so the current log-probs (stop-gradient) are exactly pi_prox and no second
+    forward pass is needed. For several optimizer steps per rollout batch, compute it once with
+    `make_logprob_fn` before the first step.
+    """
+
+    tokens: jax.Array  # [B, L] int32
+    positions: jax.Array  # [B, L] int32
+    attn_mask: jax.Array  # [B, L] bool, real (non-padding) tokens
+    loss_mask: jax.Array  # [B, L], 1 where the policy sampled the token
+    behaviour_logprobs: jax.Array  # [B, L] float32, the sampler's log-probs (0 elsewhere)
+    advantages: jax.Array  # [B] or [B, L] float32
+    prox_logprobs: jax.Array | None = None  # [B, L] float32
+
+
+def _decays(v: nnx.Variable) -> bool:
+    # Decay the matrices that touch the model dim; norms, biases (no 'embed' axis) are exempt.
+    return v.ndim >= 2 and "embed" in v.get_metadata().get("logical_axes", ())
+
+
+def weight_decay_mask(params):
+    return jax.tree.map(
+        lambda v: v.replace(value=_decays(v)),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def make_optimizer(
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    weight_decay: float,
+    max_grad_norm: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    *,
+    end_lr_ratio: float = 1.0,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with linear warmup and cosine decay to `end_lr_ratio*lr`.
+
+    The default `end_lr_ratio=1.0` holds `lr` after warmup (the usual RL fine-tuning schedule).
+    Weight decay applies only to matrices with an 'embed' logical axis.
+    """
+    if lr <= 0 or warmup_steps < 0 or total_steps <= warmup_steps or max_grad_norm <= 0:
+        raise ValueError(
+            "Need lr > 0, 0 <= warmup_steps < total_steps and max_grad_norm > 0; got "
+            f"lr={lr}, warmup_steps={warmup_steps}, total_steps={total_steps}, "
+            f"max_grad_norm={max_grad_norm}."
+        )
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=lr * end_lr_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask),
+    )
+
+
+def _microbatches(batch: Batch, num_microbatches: int, mesh) -> Batch:
+    """[B, ...] -> [M, B/M, ...]; micro-batch j holds rows j, j + M, j + 2M, ...
+
+    Strided rather than contiguous so that every micro-batch keeps rows on every data shard.
+    """
+
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"Batch size {x.shape[0]} is not divisible by num_microbatches {num_microbatches}."
+            )
+        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+        x = x.swapaxes(0, 1)
+        if mesh is not None:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+        return x
+
+    return jax.tree.map(split, batch)
+
+
+def combine_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-micro-batch metrics [M] -> one value each: token-weighted means, min, max, sum."""
+    n = stacked["num_tokens"]
+    total = n.sum()
+    out = {}
+    for k, v in stacked.items():
+        if k == "num_tokens":
+            out[k] = total
+        elif k in grpo.MIN_METRICS:
+            out[k] = v.min()
+        elif k in grpo.MAX_METRICS:
+            out[k] = v.max()
+        else:
+            out[k] = (v * n).sum() / jnp.maximum(total, 1.0)
+    return out
+
+
+def _make_grads(graphdef, loss_config: LossConfig, num_microbatches: int, mesh, chunk_size: int):
+    """(state, batch, ref_state) -> (mean-loss gradients [float32], loss, metrics)."""
+    cfg = loss_config
+
+    def logprobs(state, mb, with_entropy):
+        model = nnx.merge(graphdef, state)
+        return grpo.sequence_logprobs(
+            model,
+            mb.tokens,
+            mb.positions,
+            mb.attn_mask,
+            cfg.temperature,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+        )
+
+    def micro_loss(state, mb, ref_state):
+        logp, entropy = logprobs(state, mb, True)
+        prox = jax.lax.stop_gradient(logp) if mb.prox_logprobs is None else mb.prox_logprobs
+        ref = None
+        if ref_state is not None:
+            ref = jax.lax.stop_gradient(logprobs(ref_state, mb, False))
+        loss_sum, denominator, metrics = grpo.grpo_loss(
+            logp,
+            prox,
+            mb.behaviour_logprobs,
+            ref,
+            mb.advantages,
+            mb.loss_mask * mb.attn_mask,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            is_cap=cfg.is_cap,
+            beta=cfg.beta,
+            kl_estimator=cfg.kl_estimator,
+            aggregation=cfg.aggregation,
+            entropy=entropy,
+        )
+        return loss_sum, (denominator, metrics)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def grads_and_metrics(state, batch: Batch, ref_state):
+        if cfg.beta > 0 and ref_state is None:
+            raise ValueError("LossConfig.beta > 0 needs ref_state (the frozen reference params).")
+        mbs = _microbatches(batch, num_microbatches, mesh)
+
+        def body(carry, mb):
+            acc, loss_acc, den_acc = carry
+            (loss_sum, (den, metrics)), g = grad_fn(state, mb, ref_state)
+            # Accumulate un-normalised sums in float32; divide once by the global denominator.
+            acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
+            return (acc, loss_acc + loss_sum, den_acc + den), metrics
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (acc, loss_sum, den), stacked = jax.lax.scan(body, init, mbs)
+        # An all-padding batch has no loss tokens: zero loss and zero gradient, not NaN.
+        den = jnp.where(den > 0, den, 1.0)
+        grads = jax.tree.map(lambda g: g / den, acc)
+        metrics = combine_metrics(stacked)
+        metrics["loss"] = loss_sum / den
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return grads, metrics
+
+    return grads_and_metrics, logprobs
+
+
+def _replicated_unless_named(tree, mesh):
+    """Each leaf's current sharding, or replicated on `mesh` when it is not already on a mesh."""
+
+    def pick(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return s
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(pick, tree)
+
+
+def _jit_on_mesh(fn, mesh, out_shardings_fn, *, donate_argnums=()):
+    """jit for `fn(state, opt_state, batch, ref_state)`; `opt_state` may be None.
+
+    Without a mesh: plain jit. With one: the batch is laid out over ('data', 'fsdp') on its
+    leading dim, leaves of the state not yet on the mesh are replicated, and
+    `out_shardings_fn(state_shardings, opt_shardings)` gives the output shardings, so the
+    returned state keeps its layout, donation reuses the buffers and steady-state calls never
+    recompile.
+    """
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    compiled = {}
+
+    def call(state, opt_state, batch, ref_state):
+        state_s = _replicated_unless_named(state, mesh)
+        opt_s = _replicated_unless_named(opt_state, mesh)
+        state, opt_state = jax.device_put((state, opt_state), (state_s, opt_s))
+        batch = jax.device_put(batch, batch_sharding)
+        if ref_state is not None:
+            ref_state = jax.device_put(ref_state, _replicated_unless_named(ref_state, mesh))
+        key = (ref_state is None, batch.prox_logprobs is None)
+        if key not in compiled:
+            compiled[key] = jax.jit(
+                fn,
+                donate_argnums=donate_argnums,
+                out_shardings=out_shardings_fn(state_s, opt_s),
+            )
+        with jax.set_mesh(mesh):
+            return compiled[key](state, opt_state, batch, ref_state)
+
+    return call
+
+
+def make_grad_fn(
+    graphdef,
+    loss_config: LossConfig,
+    *,
+    num_microbatches: int = 1,
+    mesh=None,
+    chunk_size: int = 256,
+) -> Callable:
+    """Jitted `(state, batch, ref_state=None) -> (grads, metrics)`; grads of the mean loss.
+
+    The gradient half of `make_train_step`, for diagnostics and tests.
+    """
+    grads_and_metrics, _ = _make_grads(graphdef, loss_config, num_microbatches, mesh, chunk_size)
+    jitted = _jit_on_mesh(
+        lambda state, _, batch, ref: grads_and_metrics(state, batch, ref),
+        mesh,
+        lambda state_s, _: (state_s, None),
+    )
+
+    def grad_fn(state, batch, ref_state=None):
+        return jitted(state, None, batch, ref_state)
+
+    return grad_fn
+
+
+def make_logprob_fn(
+    graphdef,
+    loss_config: LossConfig,
+    *,
+    num_microbatches: int = 1,
+    mesh=None,
+    chunk_size: int = 256,
+) -> Callable:
+    """Jitted `(state, batch) -> logp [B, L]` (no gradient), e.g. for `Batch.prox_logprobs`."""
+    _, logprobs = _make_grads(graphdef, loss_config, num_microbatches, mesh, chunk_size)
+
+    def fn(state, _, batch, ref_state):
+        mbs = _microbatches(batch, num_microbatches, mesh)
+        lp = jax.lax.map(lambda mb: logprobs(state, mb, False), mbs)  # [M, B/M, L]
+        return lp.swapaxes(0, 1).reshape(batch.tokens.shape)
+
+    out = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
+    jitted = _jit_on_mesh(fn, mesh, lambda *_: out)
+    return lambda state, batch: jitted(state, None, batch, None)
+
+
+def make_train_step(
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    loss_config: LossConfig,
+    *,
+    num_microbatches: int = 1,
+    mesh=None,
+    chunk_size: int = 256,
+) -> Callable:
+    """Returns `step(state, opt_state, batch, ref_state=None) -> (state, opt_state, metrics)`.
+
+    One optimizer update per call; gradients are accumulated over `num_microbatches` strided
+    slices of the batch (B must divide by it) and divided once by the global denominator, so
+    the result equals the full-batch update. `state` and `opt_state` are donated. With a `mesh`,
+    the batch's leading dim is sharded over ('data', 'fsdp') and params keep their shardings.
+    `ref_state` (same graphdef, frozen) is needed when `loss_config.beta > 0`; its KL metric is
+    reported whenever it is given. `step.num_compilations` counts traces.
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be positive, got {num_microbatches}.")
+    grads_and_metrics, _ = _make_grads(graphdef, loss_config, num_microbatches, mesh, chunk_size)
+
+    def step(state, opt_state, batch, ref_state):
+        train_step.num_compilations += 1  # runs at trace time only
+        grads, metrics = grads_and_metrics(state, batch, ref_state)
+        # Updates in float32; optax.apply_updates casts back to each param's dtype.
+        updates, opt_state = optimizer.update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
+        return state, opt_state, metrics
+
+    jitted = _jit_on_mesh(
+        step, mesh, lambda state_s, opt_s: (state_s, opt_s, None), donate_argnums=(0, 1)
+    )
+
+    def train_step(state, opt_state, batch, ref_state=None):
+        return jitted(state, opt_state, batch, ref_state)
+
+    # Counts traces, so tests and the trainer can check that steady state never recompiles.
+    train_step.num_compilations = 0
+    return train_step

@@ -13,6 +13,7 @@ import transformers
 from flax import nnx
 
 from toolr1_jax import engine as engine_lib
+from toolr1_jax import sharding as sharding_lib
 from toolr1_jax.models import model as model_lib
 
 NUM_SLOTS = 4
@@ -436,3 +437,30 @@ def test_no_recompilation_in_steady_state(engine):
     for offset in range(2, 6):
         episodes(offset=offset, seed=offset * 13)
     assert engine.num_compilations == compilations
+
+
+def test_params_on_a_mesh_give_the_same_tokens_without_recompiles(engine, model):
+    mesh = sharding_lib.make_mesh(2, 2, 2)
+    graphdef, state = nnx.split(model)
+    sharded = jax.device_put(state, sharding_lib.param_shardings(state, mesh))
+    mesh_engine = engine_lib.Engine(
+        nnx.merge(graphdef, sharded), num_slots=NUM_SLOTS, max_len=MAX_LEN
+    )
+    sampling = [
+        engine_lib.SamplingParams(max_new_tokens=8),
+        engine_lib.SamplingParams(max_new_tokens=8, temperature=1.0, top_k=4, seed=2),
+    ] * 2
+    expected = engine.generate(PROMPTS, sampling)
+    got = mesh_engine.generate(PROMPTS, sampling)
+    for a, b in zip(expected, got, strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist()
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+
+    compilations = mesh_engine.num_compilations
+    mesh_engine.set_params(sharded)
+    assert all(
+        a is b
+        for a, b in zip(jax.tree.leaves(mesh_engine.params), jax.tree.leaves(sharded), strict=True)
+    )
+    mesh_engine.generate([p[::-1] for p in PROMPTS], sampling[::-1])
+    assert mesh_engine.num_compilations == compilations

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from toolr1_jax import sharding as sharding_lib
 from toolr1_jax.models import model as model_lib
 
 _NOT_FINISHED, _FINISH_STOP, _FINISH_LENGTH = 0, 1, 2
@@ -234,11 +235,19 @@ class Engine:
         self.max_stop_sequences = max_stop_sequences
         self.max_stop_len = max_stop_len
         self._graphdef, self._params = nnx.split(model)
-        self._state = self._init_state(model.dtype)
+        state = self._init_state(model.dtype)
+        # Fixed state shardings in and out of every program: left to propagation, they could
+        # change between calls and trigger recompiles.
+        self._state_shardings = self._shardings_for(state)
+        self._state = jax.device_put(state, self._state_shardings)
         # Counts traces (each one a compilation) so tests can check steady state never recompiles.
         self.num_compilations = 0
-        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,))
+        self._prefill_fn = jax.jit(
+            self._prefill_impl, donate_argnums=(1,), out_shardings=self._state_shardings
+        )
+        self._decode_fn = jax.jit(
+            self._decode_impl, donate_argnums=(1,), out_shardings=self._state_shardings
+        )
 
         self._status = [_Status.FREE] * num_slots
         self._sampling: list[SamplingParams | None] = [None] * num_slots
@@ -488,6 +497,35 @@ class Engine:
             gen_tokens=jnp.zeros((b, s), jnp.int32),
             gen_logprobs=jnp.zeros((b, s), jnp.float32),
             sampling=sampling,
+        )
+
+    def _shardings_for(self, state: EngineState):
+        """Shardings for the engine state on the devices that hold the model's parameters.
+
+        On a mesh, the cache splits its slots like a batch and its kv heads like the attention
+        weights (`toolr1_jax.sharding` rules); the small per-slot arrays split their slots too.
+        """
+        leaf = jax.tree.leaves(self._params)[0]
+        mesh = getattr(leaf.sharding, "mesh", None)
+        if not isinstance(mesh, jax.sharding.Mesh):
+            device = next(iter(leaf.sharding.device_set))
+            return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), state)
+
+        def named(axes, x):
+            spec = sharding_lib.logical_to_spec(axes, x.shape, mesh)
+            return jax.sharding.NamedSharding(mesh, spec)
+
+        def per_slot(x):
+            return named(("batch",) + (None,) * (x.ndim - 1), x)
+
+        kv_axes = (None, "batch", "length", "kv_heads", "head_dim")
+        shardings = jax.tree.map(per_slot, state)
+        return shardings.replace(
+            cache=model_lib.KVCache(
+                k=named(kv_axes, state.cache.k),
+                v=named(kv_axes, state.cache.v),
+                lengths=per_slot(state.cache.lengths),
+            )
         )
 
     def _sampling_rows(self, rows: Sequence[SamplingParams | None]) -> SlotSampling:

@@ -83,8 +83,10 @@ def measure_bandwidth_bytes_per_s() -> float:
 def main():
     args = parse_args()
     b, p, n = args.batch, args.prompt_tokens, args.new_tokens
-    print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, ")
-    print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(
+        f"machine: {os.cpu_count()} CPUs; jax {jax.__version__} on {jax.devices()[0].platform}; "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
     with tempfile.TemporaryDirectory() as workdir:
         hf, model = build_models(args, workdir)
     prompts = np.random.default_rng(0).integers(1, args.vocab, size=(b, p)).tolist()

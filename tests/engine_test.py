@@ -400,8 +400,10 @@ def test_set_params_switches_weights_without_copy_or_recompile(engine, full_logp
         assert engine.num_compilations == compilations
 
         wrong = jax.tree.map(lambda x: x[..., :1] if x.ndim == 2 else x, other)
-        with pytest.raises(ValueError, match="set_params"):
+        with pytest.raises(ValueError, match="set_params: a parameter of shape"):
             engine.set_params(wrong)
+        with pytest.raises(ValueError, match="structure"):
+            engine.set_params({"embed": jnp.zeros((VOCAB, 64))})
     finally:
         engine.set_params(original)
 

@@ -138,6 +138,8 @@ class SlotSampling:
 
 @struct.dataclass
 class EngineState:
+    """Everything the jitted programs read and write; donated on every call."""
+
     cache: model_lib.KVCache  # lengths [B] = tokens in the cache (the pending one excluded)
     next_token: jax.Array  # [B] int32, the pending token
     active: jax.Array  # [B] bool, still decoding
@@ -274,8 +276,9 @@ class Engine:
         new_leaves, new_tree = jax.tree.flatten(state)
         if old_tree != new_tree:
             raise ValueError(
-                "set_params: the new state's structure differs from the engine's model "
-                f"({new_tree} vs {old_tree})."
+                f"set_params: the new state ({len(new_leaves)} arrays) does not have the "
+                f"structure of the engine's model ({len(old_leaves)} arrays); pass the state "
+                "of the same model class and config, e.g. `nnx.split(model)[1]`."
             )
         for old, new in zip(old_leaves, new_leaves, strict=True):
             if old.shape != new.shape or old.dtype != new.dtype:

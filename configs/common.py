@@ -15,7 +15,7 @@ MODEL_PRESETS = {
     "tiny": dict(
         hf_repo="",
         model_type="qwen2",
-        vocab_size=512,
+        vocab_size=1024,
         hidden_size=64,
         intermediate_size=128,
         num_layers=2,
@@ -104,6 +104,16 @@ MODEL_PRESETS = {
         tie_word_embeddings=False,
     ),
 }
+
+# A short code-agent prompt for small from-scratch models (debug runs, the demo): the default
+# prompt in toolr1_jax/agent/prompt.py costs them too many tokens per episode.
+COMPACT_SYSTEM_PROMPT = """\
+Solve the task with Python. Each step: one line "Thought: ...", then code between <code> and \
+</code>. What the code prints comes back after "Observation:". Variables persist between steps. \
+Files are in the working directory. Tools:
+{tools}
+Imports: {authorized_imports}. When you know the answer, call final_answer(answer).
+"""
 
 # (data, fsdp, tensor); -1 takes the remaining devices.
 MESH_PRESETS = {

@@ -70,17 +70,22 @@ def tools(config: ml_collections.ConfigDict) -> list:
     return out
 
 
+def authorized_imports(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+    """The configured import allowlist; None means the sandbox's default list."""
+    names = tuple(m.strip() for m in config.sandbox.authorized_imports.split(",") if m.strip())
+    return names or None
+
+
 def sandbox_pool(config: ml_collections.ConfigDict, tools) -> pool_lib.SandboxPool:
     """An unstarted pool (use as `async with`); the synthetic suite's heavy imports are preloaded
     in the parent so that sessions fork warm."""
     s = config.sandbox
-    imports = [m.strip() for m in s.authorized_imports.split(",") if m.strip()]
     return pool_lib.SandboxPool(
         s.num_workers,
         s.timeout_s,
         s.memory_mb,
         tools=tools,
-        authorized_imports=imports or None,
+        authorized_imports=authorized_imports(config),
         preload=synthetic.SANDBOX_PRELOAD,
     )
 

@@ -24,9 +24,9 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from toolr1_jax import buffer, build, checkpoint, evaluation, grpo, sharding, update
+from toolr1_jax import buffer, build, checkpoint, evaluation, grpo, sandbox, sharding, update
 from toolr1_jax import engine as engine_lib
-from toolr1_jax.agent import rollout
+from toolr1_jax.agent import prompt, rollout
 from toolr1_jax.data import pipeline
 from toolr1_jax.models import model as model_lib
 from toolr1_jax.models import params as params_lib
@@ -41,6 +41,26 @@ TRUNCATED_STATUSES = ("max_turns", "max_tokens", "timeout")
 # ---------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------
+
+
+_PATH_KEYS = (
+    ("model", "init_from"),
+    ("model", "tokenizer"),
+    ("data", "data_dir"),
+    ("data", "manual_dir"),
+    ("data", "eval_manual_dir"),
+    ("ckpt", "resume_from"),
+)
+
+
+def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with `~` expanded in every path key."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for group, key in _PATH_KEYS:
+        value = config[group][key]
+        if value:
+            config[group][key] = os.path.expanduser(value)
+    return config
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -115,7 +135,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         )
 
 
-def _tokenizer(config, workdir: pathlib.Path, train_examples) -> tokenizer_lib.Tokenizer:
+def _tokenizer(config, workdir: pathlib.Path, train_examples, tools) -> tokenizer_lib.Tokenizer:
     path = config.model.tokenizer or config.model.init_from
     if path:
         return tokenizer_lib.load_tokenizer(path)
@@ -123,9 +143,15 @@ def _tokenizer(config, workdir: pathlib.Path, train_examples) -> tokenizer_lib.T
     # the run so that resumes and exports use the very same one.
     path = workdir / "tokenizer"
     if not (path / "tokenizer.json").is_file() and jax.process_index() == 0:
-        # Everything the policy will read and write: prompts, questions, demonstrations.
+        # Everything the policy will read and write: prompts, questions, demonstrations. The
+        # system prompt opens every episode, so it is weighted like the questions together.
         agent_config = build.agent_config(config)
-        texts = [agent_config.system_prompt_template, agent_config.format_error_observation]
+        system = prompt.render_system_prompt(
+            agent_config.system_prompt_template,
+            tools,
+            build.authorized_imports(config) or sandbox.DEFAULT_AUTHORIZED_IMPORTS,
+        )
+        texts = [system, agent_config.format_error_observation] * max(1, len(train_examples) // 4)
         for e in train_examples:
             texts.append(e.question)
             texts.extend(e.metadata.get("thoughts", ()))
@@ -264,6 +290,7 @@ def _place(batch: update.Batch, mesh) -> update.Batch:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the policy; returns the last step's metrics. Resumes from `workdir` if it holds a
     checkpoint, else from `ckpt.resume_from`, else from `model.init_from`, else from scratch."""
+    config = expand_paths(config)
     validate(config)
     return asyncio.run(_train(config, pathlib.Path(workdir).expanduser().absolute()))
 
@@ -305,7 +332,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # ----------------------------------------------------------------------------------------
     # Model, optimizer, queue; resume order: workdir > ckpt.resume_from > init_from > scratch.
     # ----------------------------------------------------------------------------------------
-    tokenizer = _tokenizer(config, workdir, train_examples)
+    tokenizer = _tokenizer(config, workdir, train_examples, tools)
     dtype = build.dtype(config)
     model_config = _model_config(config, tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:

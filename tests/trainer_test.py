@@ -1,0 +1,189 @@
+"""The trainer end to end: `configs/gaia.py:debug` through `train.py`, exact resume after SIGKILL,
+recovery from a corrupt checkpoint, and config errors that fail before any work."""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from toolr1_jax import models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Wall-clock and compile metrics differ between runs; everything else must match exactly.
+_NONDETERMINISTIC = ("time/", "throughput/", "compiles", "eval/wall_s", "eval/time/")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # Shared by every run in this file, so the synthetic suite is built once.
+    return tmp_path_factory.mktemp("tfds")
+
+
+def _train_cmd(workdir, data_dir, *overrides):
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config=" + str(ROOT / "configs" / "gaia.py") + ":debug",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.log.progress_bar=false",
+        *overrides,
+    ]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(workdir, data_dir, *overrides, timeout=900):
+    proc = subprocess.run(
+        _train_cmd(workdir, data_dir, *overrides),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc
+
+
+def _metrics(workdir):
+    """Per step, the last logged value of every deterministic metric."""
+    rows = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        step = d.pop("step")
+        clean = {k: v for k, v in d.items() if not k.startswith(_NONDETERMINISTIC)}
+        rows.setdefault(step, {}).update(clean)
+    return rows
+
+
+def _final_state(workdir, step):
+    """The params and queue arrays of a run's checkpoint at `step`, as numpy."""
+    directory = pathlib.Path(workdir) / "checkpoints" / str(step)
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(directory / "state")
+    return jax.tree.map(np.asarray, {"params": state["params"], "queue": state["queue"]})
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+    """An uninterrupted 3-step debug run (the README's main job, shortened nothing)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = _run(workdir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+
+def test_debug_config_trains_three_steps(reference_run):
+    rows = _metrics(reference_run)
+    assert sorted(rows) == [1, 2, 3]
+    for step, metrics in rows.items():
+        for key, value in metrics.items():
+            assert math.isfinite(value), (step, key, value)
+        assert metrics["samples/fresh_total"] > 0
+    # No XLA compilation after the first step (the eval at the last step aside).
+    compiles = {}
+    for line in (reference_run / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "compiles" in d:
+            compiles[d["step"]] = d["compiles"]
+    assert compiles[1] > 0
+    assert compiles[2] == 0 and compiles[3] == 0, compiles
+    # Checkpoints, eval outputs and the Hugging Face export are written.
+    assert sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir()) == [1, 2, 3]
+    eval_dir = reference_run / "eval" / "step_3"
+    for name in ("results.json", "trajectories.jsonl", "report.html"):
+        assert (eval_dir / name).is_file()
+    model, config = models.load_pretrained(reference_run / "export")
+    assert config.vocab_size == 1024
+    exported = jax.tree.leaves(nnx.split(model)[1])
+    final = jax.tree.leaves(_final_state(reference_run, 3)["params"])
+    assert len(exported) == len(final)
+    for x, y in zip(exported, final, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir, reference_run):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(workdir, data_dir),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Kill it in the middle of step 2, once step 1's checkpoint is committed.
+    committed = workdir / "checkpoints" / "1" / "commit_success.txt"
+    deadline = time.monotonic() + 600
+    while not committed.exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "checkpoints" / "3").exists()
+
+    resumed = _run(workdir, data_dir)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from workdir at step" in resumed.stderr
+    _assert_trees_equal(_final_state(workdir, 3), _final_state(reference_run, 3))
+    assert _metrics(workdir) == _metrics(reference_run)
+
+
+def test_corrupt_latest_checkpoint_resumes_from_previous(tmp_path, data_dir, reference_run):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(reference_run, workdir)
+    shutil.rmtree(workdir / "export")
+    # Truncate every array file of the last checkpoint, then ask for the same 3 steps again.
+    for root, _, files in os.walk(workdir / "checkpoints" / "3" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(7)
+    proc = _run(workdir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "step 3" in proc.stderr and "falling back to step 2" in proc.stderr
+    assert "Resumed from workdir at step 2" in proc.stderr
+    _assert_trees_equal(_final_state(workdir, 3), _final_state(reference_run, 3))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.grpo.no_such_key=1", "no_such_key"),
+        ("--config.grpo.group_size=four", "group_size"),
+        ("--config.mesh.data=3", "mesh.data"),
+        ("--config.model.init_from=/nonexistent/model", "model.init_from"),
+        ("--config.optim.num_microbatches=3", "optim.num_microbatches"),
+    ],
+)
+def test_bad_config_fails_before_work(tmp_path, data_dir, override, expected):
+    workdir = tmp_path / "bad"
+    start = time.monotonic()
+    proc = _run(workdir, data_dir, override, timeout=300)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    # Nothing was trained, built or written.
+    assert not (workdir / "checkpoints").exists()
+    assert time.monotonic() - start < 120

@@ -102,7 +102,7 @@ def torch_step_fn(hf, batch, microbatches):
             rows = torch.arange(m, t["tokens"].shape[0], microbatches)
             loss = micro_loss(rows) / n_tok
             loss.backward()
-            total += float(loss)
+            total += loss.item()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), MAX_GRAD_NORM)
         opt.step()
         sched.step()
@@ -185,8 +185,12 @@ def main():
     if not np.isclose(jax_loss, torch_loss, rtol=1e-3, atol=1e-5):
         raise SystemExit("The two implementations disagree on the loss; timings are meaningless.")
 
-    jax_s = best_of(args.repeats, jax_steps) / args.steps
-    torch_s = best_of(args.repeats, torch_steps) / args.steps
+    # Interleaved, so that both sides see the same background load on a shared machine.
+    jax_times, torch_times = [], []
+    for _ in range(args.repeats):
+        jax_times.append(best_of(1, jax_steps))
+        torch_times.append(best_of(1, torch_steps))
+    jax_s, torch_s = min(jax_times) / args.steps, min(torch_times) / args.steps
     jax_tps, torch_tps = tokens_per_step / jax_s, tokens_per_step / torch_s
     print(f"jax:   {jax_s * 1e3:8.1f} ms/step  {jax_tps:10.0f} tokens/s")
     print(f"torch: {torch_s * 1e3:8.1f} ms/step  {torch_tps:10.0f} tokens/s")

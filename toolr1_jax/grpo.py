@@ -74,13 +74,19 @@ def _next_token_stats(
     def chunk(args):
         xc, tc = args
         logits = head_fn(xc).astype(jnp.float32) / temperature  # [B, C, V]
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - logz
+        # One exp pass serves both the normaliser and the entropy.
+        top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+        e = jnp.exp(logits - top)
+        total = e.sum(axis=-1)
+        logz = top[..., 0] + jnp.log(total)
+        # A one-hot select rather than a gather: its gradient is elementwise (no scatter), and it
+        # stays local when V is sharded over 'tensor'.
+        hit = jnp.arange(logits.shape[-1]) == tc[..., None]
+        lp = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - logz
         if not with_entropy:
             return lp, jnp.zeros_like(lp)
-        probs = jnp.exp(logits - logz[..., None])
-        ent = jax.lax.stop_gradient(logz - jnp.sum(probs * logits, axis=-1))
-        return lp, ent
+        mean_logit = jnp.sum(e * logits, axis=-1) / total
+        return lp, jax.lax.stop_gradient(logz - mean_logit)
 
     lp, ent = jax.lax.map(chunk, (xs, ts))  # [n, B, C] each
 

@@ -1,0 +1,75 @@
+r"""The embedded default: Tool-R1 end to end on a small model and the synthetic GAIA-style suite.
+
+Needs no downloads. Trains a tokenizer on the suite, builds a small Qwen2-style model, teaches it
+the agent format with cold-start SFT on the suite's reference solutions, then runs GRPO with the
+dynamic sample queue on the train split, evaluating on the validation split before and after.
+
+  python train.py --config=configs/demo.py --workdir=/tmp/toolr1_demo
+
+Variants (`configs/demo.py:VARIANT`, comma-separated `key=value` too):
+  tiny        a few-minute smoke version (tests and the notebook use it)
+  seed=N      the run's seed
+  queue=false GRPO without the dynamic sample queue (the ablation baseline)
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, tiny=False, seed=0, queue=True)
+    c = common.base_config()
+    c.seed = args.seed
+    c.total_steps = 40
+
+    c.model = common.model_config("tiny")
+    c.model.hidden_size = 128
+    c.model.intermediate_size = 384
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = 32
+    c.model.dtype = "float32"
+    c.mesh = common.mesh_config("dp")
+
+    c.engine.num_slots = 32
+    c.engine.max_len = 768
+    c.engine.decode_chunk_steps = 16
+    c.agent.system_prompt = common.COMPACT_SYSTEM_PROMPT
+    c.agent.max_turns = 3
+    c.agent.max_total_tokens = 768
+    c.agent.max_new_tokens_per_turn = 96
+    c.agent.temperature = 1.0
+    c.agent.episode_timeout_s = 120.0
+    c.sandbox.num_workers = 4
+    c.sandbox.timeout_s = 10.0
+    c.sandbox.memory_mb = 1024
+    c.sandbox.search_corpus = "synthetic"
+
+    c.reward.judge = "rule"
+    c.grpo.questions_per_step = 8
+    c.grpo.group_size = 8
+    c.grpo.aggregation = "token_mean"
+    c.queue.enabled = args.queue
+    c.queue.max_replay = 2
+    c.optim.lr = 3e-5
+    c.optim.warmup_steps = 2
+    c.optim.num_microbatches = 2
+
+    c.data.name = "synthetic"
+    c.data.config = "level1"
+    c.data.num_eval = 64
+
+    c.ckpt.every_steps = 10
+    c.log.eval_every_steps = 20
+
+    if args.tiny:
+        c.total_steps = 2
+        c.model = common.model_config("tiny")
+        c.model.dtype = "float32"
+        c.engine.num_slots = 16
+        c.grpo.questions_per_step = 4
+        c.grpo.group_size = 4
+        c.data.num_eval = 8
+        c.ckpt.every_steps = 1
+        c.log.eval_every_steps = 2
+    return c

@@ -238,6 +238,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.drop_truncated = True  # mask episodes cut by token/turn limits
     c.grpo.updates_per_batch = 1
 
+    c.sft = ml_collections.ConfigDict()
+    c.sft.enabled = False  # cold-start SFT on the training set's reference solutions first
+    c.sft.num_demos = 512  # training examples whose reference solutions are played
+    c.sft.num_steps = 200
+    c.sft.batch_size = 16
+    c.sft.lr = 1e-3
+    c.sft.warmup_steps = 10
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
     c.optim.warmup_steps = 10

@@ -45,6 +45,12 @@ def get_config(arg=None):
     c.sandbox.memory_mb = 1024
     c.sandbox.search_corpus = "synthetic"
 
+    c.sft.enabled = True
+    c.sft.num_demos = 1024
+    c.sft.num_steps = 150
+    c.sft.batch_size = 16
+    c.sft.lr = 2e-3
+
     c.reward.judge = "rule"
     c.grpo.questions_per_step = 8
     c.grpo.group_size = 8
@@ -70,6 +76,9 @@ def get_config(arg=None):
         c.grpo.questions_per_step = 4
         c.grpo.group_size = 4
         c.data.num_eval = 8
+        c.sft.num_demos = 32
+        c.sft.num_steps = 10
+        c.sft.batch_size = 8
         c.ckpt.every_steps = 1
         c.log.eval_every_steps = 2
     return c

@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from toolr1_jax import buffer, build, checkpoint, evaluation, grpo, sandbox, sharding, update
+from toolr1_jax import buffer, build, checkpoint, evaluation, grpo, sandbox, sft, sharding, update
 from toolr1_jax import engine as engine_lib
 from toolr1_jax.agent import prompt, rollout
 from toolr1_jax.data import pipeline
@@ -233,6 +233,42 @@ class _Writer:
             self._jsonl.close()
 
 
+def summarize_accuracy(workdir: pathlib.Path) -> dict[str, float]:
+    """Eval accuracy before training, after SFT (step 0) and at the last eval, from the metrics
+    file; draws `accuracy.png` (eval accuracy against step) beside it."""
+    points, summary = {}, {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "eval_init/accuracy" in d:
+            summary["untrained"] = d["eval_init/accuracy"]
+        if "eval/accuracy" in d:
+            points[d["step"]] = d["eval/accuracy"]
+    if not points:
+        return summary
+    if 0 in points:
+        summary["start"] = points[0]
+    summary["final"] = points[max(points)]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    steps = sorted(points)
+    ax.plot(steps, [points[k] for k in steps], marker="o", label="policy (step 0 = after SFT)")
+    if "untrained" in summary:
+        ax.axhline(summary["untrained"], color="gray", linestyle="--", label="untrained")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(workdir / "accuracy.png", dpi=100)
+    plt.close(fig)
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +410,14 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
             "rng": jax.random.key_data(rng),
         }
 
+    def meta_state():
+        return {
+            "step": step,
+            "data": data_iter.get_state(),
+            "queue": queue.host_state(),
+            "counters": counters,
+        }
+
     restored = ckpt.restore_latest(ckpt_state())
     source = "workdir"
     if restored is None and config.ckpt.resume_from:
@@ -431,7 +475,90 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     )
     metrics: dict[str, float] = {}
     compiles = _CompileCounter()
+
+    async def evaluate(at_step: int, prefix: str) -> dict[str, float]:
+        """Greedy episodes on the eval split; logged under `prefix/` and written to eval/."""
+        result = await evaluation.evaluate(
+            eval_examples,
+            engine=engine,
+            tokenizer=tokenizer,
+            pool=pool,
+            tools=tools,
+            agent_config=agent_config,
+            sampling=build.sampling(config, seed=config.seed, for_eval=True),
+            num_samples=config.log.num_eval_samples,
+            judge=eval_judge,
+            progress=False,
+            policy_version=at_step,
+        )
+        eval_metrics = {f"{prefix}/{k}": v for k, v in result.metrics.items()}
+        writer.write(at_step, eval_metrics)
+        if is_main:
+            evaluation.write_outputs(result, str(workdir / prefix / f"step_{at_step}"))
+        return eval_metrics
+
     async with build.sandbox_pool(config, tools) as pool:
+        # --------------------------------------------------------------------------------------
+        # Cold-start SFT on reference solutions (fresh runs only; a checkpoint at step 0 keeps a
+        # resume from repeating it).
+        # --------------------------------------------------------------------------------------
+        if config.sft.enabled and restored is None:
+            if config.log.eval_every_steps:
+                await evaluate(0, "eval_init")
+            t0 = time.perf_counter()
+            demo_examples = [e for e in train_examples if e.metadata.get("solution")]
+            demo_examples = demo_examples[: config.sft.num_demos]
+            demos, skipped = await sft.demonstrations(
+                demo_examples, tokenizer=tokenizer, pool=pool, agent_config=agent_config
+            )
+            if not demos:
+                raise build.ConfigError(
+                    f"sft.enabled: no usable demonstration among {len(demo_examples)} training "
+                    f"examples (skipped: {skipped}); the dataset needs reference solutions."
+                )
+            sft_optimizer = update.make_optimizer(
+                lr=config.sft.lr,
+                warmup_steps=config.sft.warmup_steps,
+                total_steps=config.sft.num_steps + 1,
+                weight_decay=config.optim.weight_decay,
+                max_grad_norm=config.optim.max_grad_norm,
+            )
+            params, _, history = sft.run_sft(
+                demos,
+                graphdef=graphdef,
+                state=params,
+                optimizer=sft_optimizer,
+                opt_state=sft_optimizer.init(params),
+                num_steps=config.sft.num_steps,
+                batch_size=config.sft.batch_size,
+                max_len=config.agent.max_total_tokens,
+                seed=config.seed,
+                mesh=mesh,
+                num_microbatches=config.optim.num_microbatches,
+            )
+            engine.set_params(params)
+            opt_state = optimizer.init(params)
+            writer.write(
+                0,
+                {
+                    "sft/loss_first": history[0]["loss"],
+                    "sft/loss_last": history[-1]["loss"],
+                    "sft/num_demos": float(len(demos)),
+                    "sft/time_s": time.perf_counter() - t0,
+                },
+            )
+            log.info(
+                "SFT: %d steps on %d demonstrations (skipped %s), loss %.3f -> %.3f.",
+                config.sft.num_steps,
+                len(demos),
+                skipped,
+                history[0]["loss"],
+                history[-1]["loss"],
+            )
+            if config.log.eval_every_steps:
+                metrics.update(await evaluate(0, "eval"))
+            ckpt.save(0, ckpt_state(), meta_state())
+
         while step < config.total_steps:
             t_step = time.perf_counter()
             compiles_before = compiles.count
@@ -558,36 +685,13 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
 
             # Checkpoint.
             if step % config.ckpt.every_steps == 0 or step == config.total_steps:
-                meta = {
-                    "step": step,
-                    "data": data_iter.get_state(),
-                    "queue": queue.host_state(),
-                    "counters": counters,
-                }
-                ckpt.save(step, ckpt_state(), meta)
+                ckpt.save(step, ckpt_state(), meta_state())
 
             # Evaluation.
             if config.log.eval_every_steps and (
                 step % config.log.eval_every_steps == 0 or step == config.total_steps
             ):
-                result = await evaluation.evaluate(
-                    eval_examples,
-                    engine=engine,
-                    tokenizer=tokenizer,
-                    pool=pool,
-                    tools=tools,
-                    agent_config=agent_config,
-                    sampling=build.sampling(config, seed=config.seed, for_eval=True),
-                    num_samples=config.log.num_eval_samples,
-                    judge=eval_judge,
-                    progress=False,
-                    policy_version=step,
-                )
-                eval_metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
-                writer.write(step, eval_metrics)
-                metrics.update(eval_metrics)
-                if is_main:
-                    evaluation.write_outputs(result, str(workdir / "eval" / f"step_{step}"))
+                metrics.update(await evaluate(step, "eval"))
     bar.close()
     compiles.close()
     ckpt.close()
@@ -601,6 +705,11 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         params_lib.save_pretrained(nnx.merge(graphdef, params), model_config, str(export_dir))
         tokenizer.hf.save_pretrained(str(export_dir))
         log.info("Exported the policy to %s.", export_dir)
+    if is_main:
+        summary = summarize_accuracy(workdir)
+        if summary:
+            text = ", ".join(f"{k} {v:.3f}" for k, v in summary.items())
+            print(f"Held-out accuracy: {text} (plot: {workdir / 'accuracy.png'})", flush=True)
     with contextlib.suppress(Exception):
         await judge.aclose()
     return metrics

@@ -1,0 +1,441 @@
+"""Cold-start SFT: demonstrations played from reference solutions, and the masked-NLL update.
+
+`demonstrations` runs each example's reference solution through a real sandbox session as the
+assistant's turns and tokenizes the episode exactly as `agent.rollout` would; `make_sft_step` and
+`run_sft` fit the policy to the assistant tokens of those episodes before GRPO starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from toolr1_jax import update
+from toolr1_jax.agent import parse, prompt
+from toolr1_jax.agent import rollout as rollout_lib
+from toolr1_jax.agent import trajectory as trajectory_lib
+from toolr1_jax.data import types as data_types
+from toolr1_jax.rewards import gaia_scorer
+
+_log = logging.getLogger(__name__)
+
+# The closing tag of the turn format the system prompt teaches; the engine stops on it.
+CODE_CLOSE = "</code>"
+
+# Why `demonstrations` left an example out (the keys of its returned counts).
+SKIP_REASONS = (
+    "no_solution",  # no metadata["solution"] (e.g. GAIA tasks)
+    "format",  # thoughts do not match the turns, or a turn would not parse back to its code
+    "too_many_turns",  # more turns than AgentConfig.max_turns allows
+    "exec_error",  # a turn's code failed in the sandbox
+    "wrong_answer",  # no final_answer, one before the last turn, or not the stored answer
+    "too_long",  # a turn or the episode exceeds the agent's token budgets
+)
+
+
+def format_turn(thought: str, code: str) -> str:
+    """One assistant turn in the format the system prompt shows (and the engine stops on)."""
+    return f"Thought: {thought}\n<code>\n{code}\n{CODE_CLOSE}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Skip:
+    reason: str
+    detail: str
+
+
+async def demonstrations(
+    examples: Sequence[data_types.Example],
+    *,
+    tokenizer,
+    pool,
+    agent_config: rollout_lib.AgentConfig,
+    max_open_sessions: int | None = None,
+) -> tuple[list[trajectory_lib.Trajectory], dict[str, int]]:
+    """Plays each example's reference solution as an episode; returns `(demos, skipped)`.
+
+    The assistant's turns are `format_turn(thought, code)` for the example's
+    `metadata["thoughts"]` and `metadata["solution"]`; each turn's code runs in one sandbox
+    session of `pool` (with the example's files), so the observations are the real ones. Tokens
+    are what a rollout holds for the same conversation: the prompt ids, each turn's ids, each
+    observation's delta; `loss_mask` is 1 on the turns' ids only and `behaviour_logprobs` are 0.
+    `skipped` counts the examples left out by reason (see `SKIP_REASONS`); `group_id` is the
+    example's index in `examples`.
+
+    Args:
+      examples: tasks; those without a reference solution are skipped.
+      tokenizer: `models.tokenizer.Tokenizer`.
+      pool: a started `SandboxPool`; its tools and imports are what the system prompt shows.
+      agent_config: the `AgentConfig` the policy will run under (prompt templates, observation
+        size, max_turns, token budgets); demonstrations that would not fit it are skipped.
+      max_open_sessions: sandbox sessions open at once (default: the pool's `num_workers`).
+    """
+    if CODE_CLOSE not in agent_config.stop_strings:
+        raise ValueError(
+            f"demonstrations write turns in the <code>...{CODE_CLOSE} format, but "
+            f"AgentConfig.stop_strings {agent_config.stop_strings} does not include "
+            f"{CODE_CLOSE!r}: the engine would not stop where the demonstrated turns end."
+        )
+    limit = pool.num_workers if max_open_sessions is None else max_open_sessions
+    if not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_open_sessions must be an integer >= 1, got {limit!r}")
+    system_prompt = prompt.render_system_prompt(
+        agent_config.system_prompt_template, pool.tools, pool.authorized_imports
+    )
+    sessions = asyncio.Semaphore(limit)
+
+    async def one(index, example):
+        if not isinstance(example, data_types.Example):
+            raise TypeError(f"examples[{index}] must be an Example, got {type(example).__name__}")
+        turns = _turn_texts(example, agent_config)
+        if isinstance(turns, _Skip):
+            return turns
+        async with sessions:
+            return await _play(index, example, turns, system_prompt, tokenizer, pool, agent_config)
+
+    results = await asyncio.gather(*(one(i, e) for i, e in enumerate(examples)))
+    demos = [r for r in results if isinstance(r, trajectory_lib.Trajectory)]
+    skipped = collections.Counter()
+    for example, r in zip(examples, results, strict=True):
+        if isinstance(r, _Skip):
+            skipped[r.reason] += 1
+            if r.reason != "no_solution":
+                _log.info("no demonstration of %s (%s): %s", example.task_id, r.reason, r.detail)
+    return demos, dict(skipped)
+
+
+def _turn_texts(example, config) -> list[tuple[str, str]] | _Skip:
+    """(turn text, code the rollout would run) per turn, or why there is no demonstration."""
+    solution = example.metadata.get("solution")
+    if not solution:
+        return _Skip("no_solution", "")
+    thoughts = example.metadata.get("thoughts")
+    if thoughts is None or len(thoughts) != len(solution):
+        return _Skip("format", f"{len(solution)} solution turns but thoughts {thoughts!r}")
+    if len(solution) > config.max_turns:
+        return _Skip("too_many_turns", f"{len(solution)} turns > max_turns {config.max_turns}")
+    turns = []
+    for thought, code in zip(thoughts, solution, strict=True):
+        text = format_turn(thought, code)
+        # The engine stops at the first stop string, so one inside the turn would cut it there.
+        body = text[: -len(CODE_CLOSE)]
+        if any(s in body for s in config.stop_strings):
+            return _Skip("format", f"a stop string occurs inside the turn {text!r}")
+        parsed = parse.parse_turn(text, accept_text_answer=config.accept_text_answer)
+        if parsed.code is None:
+            return _Skip("format", f"the turn {text!r} parses to no code")
+        turns.append((text, parsed.code))
+    return turns
+
+
+async def _play(index, example, turns, system_prompt, tokenizer, pool, config):
+    """One episode with scripted turns; the bookkeeping mirrors `rollout._Rollout`."""
+    task = prompt.render_task(config.task_template, example.question, example.files)
+    tokens = list(tokenizer.prompt_ids(prompt.build_messages(system_prompt, task)))
+    prompt_len = len(tokens)
+    loss_mask = [0] * prompt_len
+    if prompt_len >= config.max_total_tokens:
+        return _Skip("too_long", f"the prompt has {prompt_len} tokens")
+    records = []
+    final_answer = None
+    session = await pool.open(files=dict(example.files))
+    try:
+        for k, (text, code) in enumerate(turns):
+            ids = tokenizer.encode(text)
+            # The sampling budget a rollout gives this turn; a longer turn ends in "max_tokens".
+            budget = min(config.max_new_tokens_per_turn, config.max_total_tokens - len(tokens))
+            if len(ids) > budget:
+                return _Skip("too_long", f"turn {k} has {len(ids)} tokens, budget {budget}")
+            tokens += ids
+            loss_mask += [1] * len(ids)
+            result = await session.run(code)
+            if result.status != "ok":
+                return _Skip("exec_error", f"turn {k}: {result.status}: {result.error}")
+            last = k == len(turns) - 1
+            if result.final_answer is not None or last:
+                if not last or not gaia_scorer.question_scorer(result.final_answer, example.answer):
+                    return _Skip(
+                        "wrong_answer",
+                        f"turn {k}/{len(turns)} answered {result.final_answer!r}, "
+                        f"expected {example.answer!r}",
+                    )
+                records.append(trajectory_lib.Turn(text, code, "", "ok", result.duration_s))
+                final_answer = result.final_answer
+                break
+            observation = prompt.render_observation(
+                result.observation(config.observation_max_chars)
+            )
+            delta = tokenizer.turn_delta_ids(config.observation_role, observation)
+            # A rollout needs room for the delta plus at least one sampled token.
+            if len(tokens) + len(delta) >= config.max_total_tokens:
+                return _Skip("too_long", f"the observation after turn {k} fills the budget")
+            tokens += delta
+            loss_mask += [0] * len(delta)
+            records.append(trajectory_lib.Turn(text, code, observation, "ok", result.duration_s))
+    finally:
+        await session.close()
+    return trajectory_lib.Trajectory(
+        task_id=example.task_id,
+        group_id=index,
+        tokens=np.asarray(tokens, np.int32),
+        loss_mask=np.asarray(loss_mask, np.int32),
+        behaviour_logprobs=np.zeros(len(tokens), np.float32),
+        prompt_len=prompt_len,
+        policy_version=0,
+        turns=tuple(records),
+        final_answer=final_answer,
+        status="answered",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The update
+# ---------------------------------------------------------------------------------------------
+
+
+def token_stats(model, tokens, positions, attn_mask, *, chunk_size: int = 256):
+    """Per-token float32 log-probs and argmax hits [B, T] each, aligned like `grpo`'s.
+
+    `logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` and `hit[:, t]` is whether that token is
+    the most likely one; position 0 holds (0, False). The LM head runs `chunk_size` positions at
+    a time under `jax.checkpoint`, so neither pass holds [B, T, V] whole.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    hidden, _ = model.hidden_states(tokens, positions, attn_mask=attn_mask)  # [B, T, D]
+    b, t = tokens.shape
+    # Row t of hidden predicts token t + 1; the last row predicts nothing (dropped below).
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = n * c - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hs = hidden.reshape(b, n, c, -1).swapaxes(0, 1)  # [n, B, C, D]
+    ts = targets.reshape(b, n, c).swapaxes(0, 1)  # [n, B, C]
+
+    @jax.checkpoint
+    def chunk(args):
+        h, target = args
+        logits = model.logits(h).astype(jnp.float32)  # [B, C, V]
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - logz
+        return lp, jnp.argmax(logits, axis=-1) == target
+
+    lp, hit = jax.lax.map(chunk, (hs, ts))
+
+    def align(v):
+        v = v.swapaxes(0, 1).reshape(b, n * c)[:, : t - 1]
+        return jnp.pad(v, ((0, 0), (1, 0)))
+
+    return align(lp), align(hit)
+
+
+def _make_grads(graphdef, num_microbatches: int, mesh, chunk_size: int):
+    """(state, batch) -> (gradients of the mean masked NLL [float32], metrics)."""
+
+    def micro_loss(state, mb):
+        model = nnx.merge(graphdef, state)
+        lp, hit = token_stats(model, mb.tokens, mb.positions, mb.attn_mask, chunk_size=chunk_size)
+        mask = (mb.loss_mask * mb.attn_mask).astype(jnp.float32)
+        mask = mask.at[:, 0].set(0.0)  # position 0 has no prediction, whatever its mask says
+        return -jnp.sum(lp * mask), (jnp.sum(hit * mask), jnp.sum(mask))
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def grads_and_metrics(state, batch: update.Batch):
+        mbs = update._microbatches(batch, num_microbatches, mesh)
+
+        def body(carry, mb):
+            acc, nll, hits, count = carry
+            (mb_nll, (mb_hits, mb_count)), g = grad_fn(state, mb)
+            # Sums in float32 over micro-batches, divided once by the batch's token count.
+            acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
+            return (acc, nll + mb_nll, hits + mb_hits, count + mb_count), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state)
+        scalar = jnp.zeros((), jnp.float32)
+        (acc, nll, hits, count), _ = jax.lax.scan(body, (zeros, scalar, scalar, scalar), mbs)
+        # A batch without loss tokens gives zero loss and zero gradient, not NaN.
+        den = jnp.where(count > 0, count, 1.0)
+        grads = jax.tree.map(lambda g: g / den, acc)
+        metrics = {
+            "loss": nll / den,
+            "token_accuracy": hits / den,
+            "num_tokens": count,
+            "grad_norm": optax.tree.norm(grads),
+        }
+        return grads, metrics
+
+    return grads_and_metrics
+
+
+def _check_microbatches(num_microbatches):
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}.")
+
+
+def make_sft_grad_fn(
+    graphdef, *, num_microbatches: int = 1, mesh=None, chunk_size: int = 256
+) -> Callable:
+    """Jitted `(state, batch) -> (grads, metrics)` of the SFT loss, for diagnostics and tests."""
+    _check_microbatches(num_microbatches)
+    grads_and_metrics = _make_grads(graphdef, num_microbatches, mesh, chunk_size)
+    jitted = update._jit_on_mesh(
+        lambda state, _, batch, __: grads_and_metrics(state, batch),
+        mesh,
+        lambda state_s, _: (state_s, None),
+    )
+    return lambda state, batch: jitted(state, None, batch, None)
+
+
+def make_sft_step(
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_microbatches: int = 1,
+    mesh=None,
+    chunk_size: int = 256,
+) -> Callable:
+    """Returns `step(state, opt_state, batch) -> (state, opt_state, metrics)`.
+
+    Minimises the mean negative log-likelihood of the tokens where `batch.loss_mask` (and
+    `attn_mask`) is set; `batch` is an `update.Batch` whose `behaviour_logprobs`, `advantages`
+    and `prox_logprobs` are ignored (see `make_sft_batch`). Gradients are summed over
+    `num_microbatches` strided slices and divided once by the batch's token count, so the update
+    equals the full-batch one. Metrics: loss, token_accuracy (argmax hits), num_tokens,
+    grad_norm. `state` and `opt_state` are donated. With a `mesh` the batch's leading dim is
+    sharded over ('data', 'fsdp') and params keep their shardings. `step.num_compilations`
+    counts traces.
+    """
+    _check_microbatches(num_microbatches)
+    grads_and_metrics = _make_grads(graphdef, num_microbatches, mesh, chunk_size)
+
+    def step(state, opt_state, batch, _):
+        sft_step.num_compilations += 1  # runs at trace time only
+        grads, metrics = grads_and_metrics(state, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
+        return state, opt_state, metrics
+
+    jitted = update._jit_on_mesh(
+        step, mesh, lambda state_s, opt_s: (state_s, opt_s, None), donate_argnums=(0, 1)
+    )
+
+    def sft_step(state, opt_state, batch):
+        return jitted(state, opt_state, batch, None)
+
+    sft_step.num_compilations = 0
+    return sft_step
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def make_sft_batch(
+    trajectories: Sequence[trajectory_lib.Trajectory], *, batch_size: int, max_len: int
+) -> update.Batch:
+    """Right-pads up to `batch_size` trajectories to a host `update.Batch` [batch_size, max_len].
+
+    Padding rows and positions have `attn_mask` False and `loss_mask` 0; `advantages` and
+    `behaviour_logprobs` are zeros (the SFT loss reads neither).
+    """
+    if len(trajectories) > batch_size:
+        raise ValueError(f"{len(trajectories)} trajectories do not fit batch_size {batch_size}.")
+    tokens = np.zeros((batch_size, max_len), np.int32)
+    attn = np.zeros((batch_size, max_len), bool)
+    loss_mask = np.zeros((batch_size, max_len), np.float32)
+    for row, t in enumerate(trajectories):
+        n = len(t.tokens)
+        if n > max_len:
+            raise ValueError(
+                f"Trajectory {t.task_id} has {n} tokens, more than max_len {max_len}; "
+                "raise max_len (or filter demonstrations by AgentConfig.max_total_tokens)."
+            )
+        tokens[row, :n] = t.tokens
+        attn[row, :n] = True
+        loss_mask[row, :n] = t.loss_mask
+    positions = np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch_size, max_len))
+    return update.Batch(
+        tokens=tokens,
+        positions=np.ascontiguousarray(positions),
+        attn_mask=attn,
+        loss_mask=loss_mask,
+        behaviour_logprobs=np.zeros((batch_size, max_len), np.float32),
+        advantages=np.zeros((batch_size,), np.float32),
+    )
+
+
+def _shuffled(n: int, seed: int) -> Iterator[int]:
+    """Indices 0..n-1 in a fresh seeded permutation per epoch, endlessly."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield from rng.permutation(n).tolist()
+
+
+def run_sft(
+    demos: Sequence[trajectory_lib.Trajectory],
+    *,
+    graphdef,
+    state,
+    optimizer: optax.GradientTransformation,
+    opt_state,
+    num_steps: int,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    mesh=None,
+    num_microbatches: int = 1,
+    chunk_size: int = 256,
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[nnx.State, optax.OptState, list[dict[str, float]]]:
+    """Runs `num_steps` SFT updates on `demos`; returns `(state, opt_state, metrics_history)`.
+
+    Batches take `batch_size` demonstrations at a time from a seeded shuffle (reshuffled each
+    epoch; a batch may repeat one when there are fewer demonstrations than rows), padded to
+    `[batch_size, max_len]` so the step compiles once. `state` and `opt_state` are donated.
+    Each step's metrics (see `make_sft_step`, plus `step_s`, its wall time with the metrics on
+    the host) go to the history and to `on_metrics(step, metrics)`. Every process of a
+    multi-host run must pass the same demonstrations and seed.
+    """
+    if not demos:
+        raise ValueError("run_sft needs at least one demonstration.")
+    for name, value, least in (("num_steps", num_steps, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"run_sft: {name} must be an integer >= {least}, got {value!r}.")
+    longest = max(demos, key=lambda t: len(t.tokens))
+    if len(longest.tokens) > max_len:
+        raise ValueError(
+            f"Demonstration {longest.task_id} has {len(longest.tokens)} tokens, more than "
+            f"max_len {max_len}."
+        )
+    if not any(t.loss_mask.any() for t in demos):
+        raise ValueError("No demonstration has a loss token (loss_mask is 0 everywhere).")
+    step_fn = make_sft_step(
+        graphdef, optimizer, num_microbatches=num_microbatches, mesh=mesh, chunk_size=chunk_size
+    )
+    order = _shuffled(len(demos), seed)
+    history = []
+    for step in range(num_steps):
+        rows = [demos[next(order)] for _ in range(batch_size)]
+        batch = make_sft_batch(rows, batch_size=batch_size, max_len=max_len)
+        t0 = time.perf_counter()
+        state, opt_state, metrics = step_fn(state, opt_state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["step_s"] = time.perf_counter() - t0
+        history.append(metrics)
+        if on_metrics is not None:
+            on_metrics(step, metrics)
+    return state, opt_state, history

@@ -205,3 +205,18 @@ def test_steps_raise_logprob_of_positive_advantage_tokens():
     lp1 = np.asarray(logprob_fn(state, batch))
     seq_delta = ((lp1 - lp0) * batch.loss_mask).sum(1)
     assert np.all(seq_delta[0::2] > 0) and np.all(seq_delta[1::2] < 0), seq_delta
+
+
+def test_fully_masked_batch_gives_zero_gradient_and_finite_metrics():
+    # Every episode cut by a limit (drop_truncated) leaves nothing to learn from: the step must
+    # be a no-op with metrics a logger can write, not +-inf extremes.
+    graphdef, state = tiny_model()
+    batch = make_batch(graphdef, state)
+    batch = batch.replace(loss_mask=np.zeros_like(batch.loss_mask))
+    grad_fn = update.make_grad_fn(graphdef, LOSS, num_microbatches=2)
+    grads, metrics = grad_fn(state, batch, ref_params(state))
+    for g in jax.tree.leaves(grads):
+        assert not np.asarray(g).any()
+    assert metrics["num_tokens"] == 0
+    for k, v in metrics.items():
+        assert np.isfinite(v), (k, v)

@@ -457,6 +457,12 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         num_microbatches=config.optim.num_microbatches,
         mesh=mesh,
     )
+    logprob_fn = update.make_logprob_fn(
+        graphdef,
+        build.loss_config(config),
+        num_microbatches=config.optim.num_microbatches,
+        mesh=mesh,
+    )
     agent_config = build.agent_config(config)
     judge = build.judge(config)
     eval_judge = build.judge(config, for_eval=True)
@@ -585,7 +591,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
             async def on_group(group: rollout.Group, plans=plans, scored=scored) -> None:
                 nonlocal t_judge
                 t0 = time.perf_counter()
-                trajs = group.trajectories + plans[group.group_id].replays
+                trajs = tuple(group.trajectories) + tuple(plans[group.group_id].replays)
                 scored[group.group_id] = await reward_lib.score_group(
                     trajs,
                     question=group.example.question,
@@ -634,7 +640,14 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 scale=g.scale_advantages,
                 drop_truncated=g.drop_truncated,
             )
-            batch = _place(batch, mesh)
+            if g.updates_per_batch > 1:
+                # Several optimizer steps per rollout batch: pi_prox is the policy before the
+                # first of them, computed once (a single step uses its own stop-gradient logp).
+                batch = batch.replace(prox_logprobs=np.zeros_like(batch.behaviour_logprobs))
+                batch = _place(batch, mesh)
+                batch = batch.replace(prox_logprobs=logprob_fn(params, batch))
+            else:
+                batch = _place(batch, mesh)
             for _ in range(g.updates_per_batch):
                 params, opt_state, update_metrics = train_step(params, opt_state, batch, ref_params)
             engine.set_params(params)

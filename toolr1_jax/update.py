@@ -151,10 +151,10 @@ def combine_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
     for k, v in stacked.items():
         if k == "num_tokens":
             out[k] = total
-        elif k in grpo.MIN_METRICS:
-            out[k] = v.min()
-        elif k in grpo.MAX_METRICS:
-            out[k] = v.max()
+        elif k in grpo.MIN_METRICS or k in grpo.MAX_METRICS:
+            # A min/max over no tokens at all (every row masked) is reported as 0, not +-inf.
+            extreme = v.min() if k in grpo.MIN_METRICS else v.max()
+            out[k] = jnp.where(total > 0, extreme, 0.0)
         else:
             out[k] = (v * n).sum() / jnp.maximum(total, 1.0)
     return out

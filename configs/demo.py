@@ -70,6 +70,7 @@ def get_config(arg=None):
 
     if args.tiny:
         c.total_steps = 2
+        c.optim.warmup_steps = 1
         c.model = common.model_config("tiny")
         c.model.dtype = "float32"
         c.engine.num_slots = 16

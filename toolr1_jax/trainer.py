@@ -124,6 +124,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             f"queue.max_replay={config.queue.max_replay} must be below grpo.group_size="
             f"{g.group_size}: every group needs at least one fresh episode."
         )
+    try:
+        build.optimizer(config, config.total_steps)
+    except ValueError as e:
+        raise build.ConfigError(f"optim.* / total_steps: {e}") from None
     build.dtype(config)
     build.levels(config)
     build.agent_config(config)

@@ -223,7 +223,7 @@ def random_state(config, seed=0, std=0.1):
     return graphdef, state
 
 
-def hand_batch(b=4, length=10, seed=0):
+def hand_batch(b=8, length=10, seed=0):
     """Right-padded rows with loss masks on some real tokens, and one row without any."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, SMALL.vocab_size, (b, length)).astype(np.int32)
@@ -251,55 +251,52 @@ def _grad_fn(graphdef, num_microbatches, chunk_size, mesh=None):
     )
 
 
-def test_sft_loss_is_the_masked_cross_entropy():
-    graphdef, state = random_state(SMALL)
-    batch = hand_batch()
-    _, metrics = _grad_fn(graphdef, 1, 3)(state, batch)
+@functools.cache
+def _reference(graphdef):
+    """Jitted plain SFT loss: the full [B, T, V] log-softmax at once, no chunks, no micro-batches;
+    returns (loss, logits) and the gradient of the loss."""
 
-    model = nnx.merge(graphdef, state)
-    logits, _ = model(
-        jnp.asarray(batch.tokens), jnp.asarray(batch.positions), attn_mask=batch.attn_mask
-    )
-    logits = np.asarray(logits, np.float64)[:, :-1]  # row t predicts token t + 1
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    targets = batch.tokens[:, 1:]
-    picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-    mask = (batch.loss_mask * batch.attn_mask)[:, 1:]
-    hits = logits.argmax(-1) == targets
-    np.testing.assert_allclose(
-        float(metrics["loss"]), -(picked * mask).sum() / mask.sum(), rtol=1e-5
-    )
-    np.testing.assert_allclose(float(metrics["token_accuracy"]), (hits * mask).sum() / mask.sum())
-    assert float(metrics["num_tokens"]) == mask.sum()
-
-
-def test_microbatched_chunked_gradients_equal_the_full_batch_gradient():
-    graphdef, state = random_state(SMALL)
-    batch = hand_batch()
-
-    def plain_loss(state):
-        # Unchunked, un-micro-batched reference: the full [B, T, V] log-softmax at once.
+    def loss(state, batch):
         model = nnx.merge(graphdef, state)
         logits, _ = model(batch.tokens, batch.positions, attn_mask=batch.attn_mask)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, batch.tokens[:, 1:, None], -1)[..., 0]
         mask = (batch.loss_mask * batch.attn_mask)[:, 1:]
-        return -(picked * mask).sum() / mask.sum()
+        return -(picked * mask).sum() / mask.sum(), logits
 
-    want = jax.grad(plain_loss)(state)
-    for num_microbatches, chunk_size in ((1, 256), (2, 4), (4, 3)):
-        grads, _ = _grad_fn(graphdef, num_microbatches, chunk_size)(state, batch)
-        jax.tree.map(
-            lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7), grads, want
-        )
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def test_sft_loss_is_the_cross_entropy_and_microbatches_give_the_full_batch_gradient():
+    graphdef, state = random_state(SMALL)
+    batch = hand_batch()
+    # Two micro-batches, and LM-head chunks (3) that do not divide the length (10).
+    grads, metrics = _grad_fn(graphdef, 2, 3)(state, batch)
+    (want_loss, logits), want_grads = _reference(graphdef)(state, batch)
+
+    # The loss and accuracy by hand, in float64 NumPy, from the model's logits.
+    logits = np.asarray(logits, np.float64)[:, :-1]  # row t predicts token t + 1
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    targets = batch.tokens[:, 1:]
+    picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    mask = (batch.loss_mask * batch.attn_mask)[:, 1:]
+    loss = -(picked * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(want_loss), loss, rtol=1e-5)
+    hits = logits.argmax(-1) == targets
+    np.testing.assert_allclose(float(metrics["token_accuracy"]), (hits * mask).sum() / mask.sum())
+    assert float(metrics["num_tokens"]) == mask.sum()
+    jax.tree.map(
+        lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7), grads, want_grads
+    )
 
 
 def test_sft_gradients_on_a_2x2x2_mesh_equal_one_device():
     graphdef, state = random_state(SMALL)
-    batch = hand_batch(b=8)
+    batch = hand_batch()
     mesh = sharding.make_mesh(2, 2, 2)
-    want, want_metrics = _grad_fn(graphdef, 2, 4)(state, batch)
-    got, metrics = _grad_fn(graphdef, 2, 4, mesh)(state, batch)
+    want, want_metrics = _grad_fn(graphdef, 2, 3)(state, batch)
+    got, metrics = _grad_fn(graphdef, 2, 3, mesh)(state, batch)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7), got, want)
     for k in want_metrics:
         np.testing.assert_allclose(metrics[k], want_metrics[k], rtol=1e-5)
@@ -309,7 +306,7 @@ def test_a_batch_without_loss_tokens_gives_zero_loss_and_zero_gradient():
     graphdef, state = random_state(SMALL)
     batch = hand_batch()
     batch = batch.replace(loss_mask=np.zeros_like(batch.loss_mask))
-    grads, metrics = _grad_fn(graphdef, 1, 3)(state, batch)
+    grads, metrics = _grad_fn(graphdef, 2, 3)(state, batch)
     assert float(metrics["loss"]) == 0.0 and float(metrics["num_tokens"]) == 0.0
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
@@ -367,7 +364,7 @@ def test_sft_fits_level1_demonstrations_and_the_engine_then_writes_the_format(su
         eos_token_ids=tok.eos_token_ids,
     )
     graphdef, state = random_state(config, std=0.02)
-    num_steps = 60
+    num_steps = 70
     optimizer = update.make_optimizer(2e-2, 2, num_steps, 0.0, 1.0)
     seen = []
     state, _, history = sft.run_sft(
@@ -377,7 +374,7 @@ def test_sft_fits_level1_demonstrations_and_the_engine_then_writes_the_format(su
         optimizer=optimizer,
         opt_state=optimizer.init(state),
         num_steps=num_steps,
-        batch_size=4,
+        batch_size=8,
         max_len=max_len,
         seed=SEED,
         on_metrics=lambda step, m: seen.append(step),
@@ -397,7 +394,7 @@ def test_sft_fits_level1_demonstrations_and_the_engine_then_writes_the_format(su
         next(d for d, e in zip(demos, suite.train, strict=True) if e.metadata["family"] == f)
         for f in TRAIN_FAMILIES
     ]
-    sampling = engine_lib.SamplingParams(max_new_tokens=64, stop_sequences=stops)
+    sampling = engine_lib.SamplingParams(max_new_tokens=32, stop_sequences=stops)
     outputs = engine.generate([d.tokens[: d.prompt_len].tolist() for d in picks], sampling)
     for demo, out in zip(picks, outputs, strict=True):
         turn = demo.tokens[demo.prompt_len :].tolist()

@@ -207,8 +207,8 @@ def token_stats(model, tokens, positions, attn_mask, *, chunk_size: int = 256):
     """Per-token float32 log-probs and argmax hits [B, T] each, aligned like `grpo`'s.
 
     `logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` and `hit[:, t]` is whether that token is
-    the most likely one; position 0 holds (0, False). The LM head runs `chunk_size` positions at
-    a time under `jax.checkpoint`, so neither pass holds [B, T, V] whole.
+    the most likely one; position 0 holds (0, False). The LM head runs at most `chunk_size`
+    positions at a time under `jax.checkpoint`, so neither pass holds [B, T, V] whole.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
@@ -216,8 +216,9 @@ def token_stats(model, tokens, positions, attn_mask, *, chunk_size: int = 256):
     b, t = tokens.shape
     # Row t of hidden predicts token t + 1; the last row predicts nothing (dropped below).
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-    c = min(chunk_size, t)
-    n = -(-t // c)
+    # As many chunks as chunk_size asks for, evened out so the padding is under one per chunk.
+    n = -(-t // chunk_size)
+    c = -(-t // n)
     pad = n * c - t
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))

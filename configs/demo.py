@@ -47,9 +47,10 @@ def get_config(arg=None):
 
     c.sft.enabled = True
     c.sft.num_demos = 1024
-    c.sft.num_steps = 150
+    c.sft.num_steps = 300
     c.sft.batch_size = 16
-    c.sft.lr = 2e-3
+    c.sft.lr = 5e-3
+    c.sft.warmup_steps = 10
 
     c.reward.judge = "rule"
     c.grpo.questions_per_step = 8
@@ -77,9 +78,12 @@ def get_config(arg=None):
         c.grpo.questions_per_step = 4
         c.grpo.group_size = 4
         c.data.num_eval = 8
-        c.sft.num_demos = 32
-        c.sft.num_steps = 10
+        # Enough SFT for the tiny model to write level-1 solutions (about 70 steps at batch 8).
+        c.sft.num_demos = 64
+        c.sft.num_steps = 80
         c.sft.batch_size = 8
+        c.sft.lr = 2e-2
+        c.sft.warmup_steps = 2
         c.ckpt.every_steps = 1
         c.log.eval_every_steps = 2
     return c

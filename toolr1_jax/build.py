@@ -13,6 +13,8 @@ from toolr1_jax import engine as engine_lib
 from toolr1_jax import update
 from toolr1_jax.agent import prompt, rollout
 from toolr1_jax.data import pipeline, synthetic
+from toolr1_jax.models import model as model_lib
+from toolr1_jax.models import params as params_lib
 from toolr1_jax.rewards import judge as judge_lib
 from toolr1_jax.rewards import reward as reward_lib
 from toolr1_jax.sandbox import pool as pool_lib
@@ -183,3 +185,26 @@ def dtype(config: ml_collections.ConfigDict):
         return jnp.dtype(config.model.dtype)
     except TypeError as e:
         raise ConfigError(f"model.dtype={config.model.dtype!r} is not a dtype name.") from e
+
+
+def model_config(config: ml_collections.ConfigDict, eos_token_ids) -> model_lib.ModelConfig:
+    """The architecture: config.json of `model.init_from`, else the `model` group's fields."""
+    if config.model.init_from:
+        return params_lib.read_config(config.model.init_from)
+    m = config.model
+    return model_lib.ModelConfig(
+        model_type=m.model_type,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_word_embeddings,
+        qkv_bias=m.model_type == "qwen2",
+        qk_norm=m.model_type == "qwen3",
+        max_position_embeddings=config.engine.max_len,
+        eos_token_ids=tuple(eos_token_ids),
+    )

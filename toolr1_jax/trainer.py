@@ -165,28 +165,6 @@ def _tokenizer(config, workdir: pathlib.Path, train_examples, tools) -> tokenize
     return tokenizer_lib.load_tokenizer(path)
 
 
-def _model_config(config, tokenizer) -> model_lib.ModelConfig:
-    if config.model.init_from:
-        return params_lib.read_config(config.model.init_from)
-    m = config.model
-    return model_lib.ModelConfig(
-        model_type=m.model_type,
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_word_embeddings,
-        qkv_bias=m.model_type == "qwen2",
-        qk_norm=m.model_type == "qwen3",
-        max_position_embeddings=config.engine.max_len,
-        eos_token_ids=tokenizer.eos_token_ids,
-    )
-
-
 class _CompileCounter:
     """Counts XLA compilations, so a step that recompiled shows up in the metrics."""
 
@@ -374,7 +352,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # ----------------------------------------------------------------------------------------
     tokenizer = _tokenizer(config, workdir, train_examples, tools)
     dtype = build.dtype(config)
-    model_config = _model_config(config, tokenizer)
+    model_config = build.model_config(config, tokenizer.eos_token_ids)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise build.ConfigError(
             f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "

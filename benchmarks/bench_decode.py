@@ -7,6 +7,7 @@ roofline the engine's decode loop reaches (bandwidth measured on this machine).
 
   python benchmarks/bench_decode.py                  # batch 16, prompt 64, 128 new tokens
   python benchmarks/bench_decode.py --hidden=512 --layers=8
+  python benchmarks/bench_decode.py --batch=8 --max_len=2048   # long cache, few tokens
 """
 
 import argparse
@@ -29,6 +30,9 @@ def parse_args():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument(
+        "--max_len", type=int, default=0, help="engine cache length (0: prompt + new tokens)"
+    )
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=768)
@@ -47,7 +51,7 @@ def build_models(args, workdir):
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.prompt_tokens + args.new_tokens,
+        max_position_embeddings=max(args.max_len, args.prompt_tokens + args.new_tokens),
         # Peaked logits, so float differences between the two frameworks never flip an argmax.
         initializer_range=0.2,
         tie_word_embeddings=False,
@@ -107,7 +111,7 @@ def main():
     hf_s, hf_tokens = best_of(args.repeats, lambda: hf_generate(n))
 
     # Engine: a warm-up call compiles prefill and decode; timed calls run no compilation.
-    engine = engine_lib.Engine(model, num_slots=b, max_len=p + n)
+    engine = engine_lib.Engine(model, num_slots=b, max_len=max(args.max_len, p + n))
     sampling = engine_lib.SamplingParams(max_new_tokens=n)
 
     def engine_generate():
@@ -152,7 +156,8 @@ def main():
     total = b * n
     print(
         f"model: {param_bytes / 2**20:.1f} MiB float32 params, vocab {args.vocab}, "
-        f"D={args.hidden}, L={args.layers}; batch {b}, prompt {p}, {n} new tokens"
+        f"D={args.hidden}, L={args.layers}; batch {b}, prompt {p}, {n} new tokens, "
+        f"max_len {engine.max_len}"
     )
     print(f"identical greedy tokens: {identical}; engine compilations: {compilations}")
     print(f"transformers generate: {hf_s:8.3f} s  {total / hf_s:10.1f} tokens/s")

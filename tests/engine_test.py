@@ -1,7 +1,8 @@
 """Rollout engine: parity with transformers, log-probs, continuation, slot independence, sampling
 filters, stop handling, bad input and steady-state compilation.
 
-One engine is shared by the module (compilation dominates on CPU); every test leaves it idle.
+One engine is shared by the module (compilation dominates on CPU); every test leaves it idle. Its
+prefill chunk is short, so longer prompts and histories are written in several chunks.
 """
 
 import jax
@@ -18,6 +19,7 @@ from toolr1_jax.models import model as model_lib
 
 NUM_SLOTS = 4
 MAX_LEN = 64
+PREFILL_CHUNK = 16
 VOCAB = 128
 PROMPTS = [[5, 17, 3], [9, 2, 44, 61, 7, 7, 30], [100, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
 
@@ -88,7 +90,9 @@ def model(hf_model):
 
 @pytest.fixture(scope="module")
 def engine(model):
-    return engine_lib.Engine(model, num_slots=NUM_SLOTS, max_len=MAX_LEN)
+    return engine_lib.Engine(
+        model, num_slots=NUM_SLOTS, max_len=MAX_LEN, prefill_chunk=PREFILL_CHUNK
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +146,24 @@ def test_greedy_matches_transformers_generate(engine, hf_model):
         assert completion.tokens.tolist() == expected
         assert completion.finish_reason == "length"
     assert engine.num_free_slots == NUM_SLOTS
+
+
+def test_long_prompts_prefill_in_chunks_like_transformers(engine, hf_model):
+    # 3, 2 and 1 chunks of 16, next to each other in one batched prefill.
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (41, 17, 16)]
+    max_new = 6
+    completions = engine.generate(prompts, engine_lib.SamplingParams(max_new_tokens=max_new))
+    for prompt, completion in zip(prompts, completions, strict=True):
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+            )
+        assert completion.tokens.tolist() == out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -408,37 +430,59 @@ def test_set_params_switches_weights_without_copy_or_recompile(engine, full_logp
         engine.set_params(original)
 
 
-def test_no_recompilation_in_steady_state(engine):
-    def episodes(offset: int, seed: int):
-        """Two multi-turn episodes and a batch call, as a rollout would drive the engine."""
-        greedy = engine_lib.SamplingParams(max_new_tokens=5, stop_token_ids=(offset + 1,))
-        sampled = engine_lib.SamplingParams(
-            max_new_tokens=7,
-            temperature=0.9,
-            top_k=offset + 3,
-            top_p=0.9,
-            stop_sequences=((offset, offset + 1),),
+def test_no_compilation_after_warmup(engine):
+    """After `warmup`, prompts of any length, appends of any length, any number of simultaneous
+    appends and any decode chunk compile nothing: the engine has exactly three programs."""
+    backend_compiles = []
+
+    def on_duration(event, duration_s, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            backend_compiles.append(duration_s)
+
+    engine.warmup()
+    # Prefill for one slot, prefill for all slots, decode: all this module's tests ever compiled.
+    assert engine.num_compilations == 3
+    rng = np.random.default_rng(0)
+
+    def sampling(seed):
+        return engine_lib.SamplingParams(
+            max_new_tokens=int(rng.integers(1, 6)),
+            temperature=float(rng.choice([0.0, 0.9])),
+            top_k=int(rng.integers(0, 5)),
+            top_p=float(rng.choice([1.0, 0.9])),
+            stop_token_ids=(int(rng.integers(VOCAB)),),
+            stop_sequences=((1, 2),),
             seed=seed,
         )
-        a = engine.add([offset + 1, offset + 2, offset + 3], greedy)
-        b = engine.add([offset + 5] * (offset + 4), sampled)
-        live = {a, b}
-        turns = 0
-        while live:
-            for out in engine.step(3 + offset % 4):
-                if turns < 3:
-                    engine.append(out.slot, [offset + 7] * (offset % 5 + 1))
-                    turns += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        live = {}  # slot -> tokens in the slot (cache + pending)
+        for round_index in range(12):
+            # Fill 0..all free slots with prompts of 1..40 tokens (1 to 3 prefill chunks).
+            for _ in range(int(rng.integers(0, engine.num_free_slots + 1))):
+                n = int(rng.integers(1, 41))
+                live[engine.add(rng.integers(0, VOCAB, n).tolist(), sampling(round_index))] = n
+            for out in engine.step(int(rng.integers(1, 9))):
+                live[out.slot] += len(out.tokens)
+                room = MAX_LEN - 1 - live[out.slot]
+                # Stopped slots either take an observation of 0..20 tokens or end.
+                if room > 0 and rng.random() < 0.7:
+                    obs = rng.integers(0, VOCAB, int(rng.integers(0, min(room, 21)))).tolist()
+                    engine.append(
+                        out.slot, obs, sampling(round_index) if rng.random() < 0.5 else None
+                    )
+                    live[out.slot] += len(obs)
                 else:
                     engine.release(out.slot)
-                    live.discard(out.slot)
-        engine.generate([[offset + 2] * (offset + 1)] * 5, sampled)
-
-    episodes(offset=1, seed=1)
-    compilations = engine.num_compilations
-    for offset in range(2, 6):
-        episodes(offset=offset, seed=offset * 13)
-    assert engine.num_compilations == compilations
+                    del live[out.slot]
+        for slot in live:
+            engine.release(slot)
+        engine.generate([[5] * 30] * 6, engine_lib.SamplingParams(max_new_tokens=3))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    assert engine.num_compilations == 3
+    assert backend_compiles == []
 
 
 def test_params_on_a_mesh_give_the_same_tokens_without_recompiles(engine, model):

@@ -9,6 +9,11 @@ Each slot keeps its newest token *pending*: sampled (or given) but not yet in th
 feeds the pending token and samples the next one; prefill writes a prompt minus its last token,
 and an append writes the pending token plus the observation minus its last token. So positions
 are always `cache length`, and every sampling step goes through the one decode program.
+
+The engine compiles exactly three programs (two when there is one slot), whatever the prompts:
+prefill of one fixed-length chunk for one slot, the same for every slot at once, and decode.
+Longer writes run chunk after chunk, each attending to what earlier chunks wrote. `warmup`
+compiles all three up front.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from toolr1_jax.models import model as model_lib
 _NOT_FINISHED, _FINISH_STOP, _FINISH_LENGTH = 0, 1, 2
 _FINISH_NAMES = {_FINISH_STOP: "stop", _FINISH_LENGTH: "length"}
 _PAD_ID = -1  # pads stop-id and stop-sequence tables; never equals a real token id
-_MIN_PREFILL_BUCKET = 16
+# A prefill round with at most num_slots / this many jobs runs them one by one through the
+# one-slot program: the all-slots program costs num_slots rows however few of them are real.
+_ONE_BY_ONE_SHARE = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +212,9 @@ class Engine:
     """Slot-based rollout engine over an NNX `Transformer`.
 
     Host API (synchronous, single-threaded): `add`, `append`, `step`, `release`,
-    `num_free_slots`, `set_params`, and `generate` on top of them. Prefills queued by `add` and
-    `append` run batched at the start of the next `step`.
+    `num_free_slots`, `set_params`, `warmup`, and `generate` on top of them. Prefills queued by
+    `add` and `append` run at the start of the next `step`, in chunks of `prefill_chunk` tokens
+    (capped at max_len).
     """
 
     def __init__(
@@ -218,10 +226,12 @@ class Engine:
         max_stop_ids: int = 8,
         max_stop_sequences: int = 4,
         max_stop_len: int = 16,
+        prefill_chunk: int = 256,
     ):
         for name, value in (
             ("num_slots", num_slots),
             ("max_len", max_len),
+            ("prefill_chunk", prefill_chunk),
             ("max_stop_ids", max_stop_ids),
             ("max_stop_sequences", max_stop_sequences),
             ("max_stop_len", max_stop_len),
@@ -236,13 +246,14 @@ class Engine:
         self.max_stop_ids = max_stop_ids
         self.max_stop_sequences = max_stop_sequences
         self.max_stop_len = max_stop_len
+        self.prefill_chunk = min(prefill_chunk, max_len)
         self._graphdef, self._params = nnx.split(model)
         state = self._init_state(model.dtype)
         # Fixed state shardings in and out of every program: left to propagation, they could
         # change between calls and trigger recompiles.
         self._state_shardings = self._shardings_for(state)
         self._state = jax.device_put(state, self._state_shardings)
-        # Counts traces (each one a compilation) so tests can check steady state never recompiles.
+        # Counts traces (each one a compilation): 3 after `warmup`, and never more.
         self.num_compilations = 0
         self._prefill_fn = jax.jit(
             self._prefill_impl, donate_argnums=(1,), out_shardings=self._state_shardings
@@ -293,6 +304,17 @@ class Engine:
             for old, new in zip(old_leaves, new_leaves, strict=True)
         ]
         self._params = jax.tree.unflatten(new_tree, moved)
+
+    def warmup(self) -> None:
+        """Compiles every program the engine runs, so that no later call compiles.
+
+        Runs each once on padding rows that change no slot; safe at any time.
+        """
+        for width in sorted({1, self.num_slots}):
+            self._state = self._prefill_fn(*self._prefill_args([], 0, width))
+        decoding = np.array([s is _Status.DECODING for s in self._status])
+        # Zero steps: decode only applies what `step` would (released slots stop).
+        self._state = self._decode_fn(self._params, self._state, decoding, np.int32(0))
 
     def add(self, tokens: Sequence[int], sampling: SamplingParams) -> int:
         """Puts a prompt in a free slot and returns the slot id; it decodes from the next step."""
@@ -557,67 +579,96 @@ class Engine:
         return out
 
     def _run_prefills(self) -> None:
-        if not self._queued:
-            return
-        groups: dict[int, list[_PendingPrefill]] = collections.defaultdict(list)
-        for job in self._queued.values():
-            groups[_pow2_bucket(len(job.tokens), _MIN_PREFILL_BUCKET, self.max_len)].append(job)
+        """Writes every queued job in rounds: round r writes chunk r of each job that has one."""
+        jobs = list(self._queued.values())
         self._queued.clear()
-        for t_bucket, jobs in sorted(groups.items()):
-            p_bucket = _pow2_bucket(len(jobs), 1, self.num_slots)
-            # Padding rows point past the last slot: their gathers read zeros, their writes drop.
-            slot_ids = np.full((p_bucket,), self.num_slots, np.int32)
-            tokens = np.zeros((p_bucket, t_bucket), np.int32)
-            num_tokens = np.zeros((p_bucket,), np.int32)
-            reset = np.zeros((p_bucket,), np.bool_)
-            next_token = np.zeros((p_bucket,), np.int32)
-            rows: list[SamplingParams | None] = [None] * p_bucket
-            for i, job in enumerate(jobs):
-                slot_ids[i] = job.slot
-                tokens[i, : len(job.tokens)] = job.tokens
-                num_tokens[i] = len(job.tokens)
-                reset[i] = job.reset
-                next_token[i] = job.next_token
-                rows[i] = job.sampling
-                self._last_token[job.slot] = job.next_token
-                self._lengths[job.slot] = (0 if job.reset else self._lengths[job.slot]) + len(
-                    job.tokens
-                )
-            self._state = self._prefill_fn(
-                self._params,
-                self._state,
-                slot_ids,
-                tokens,
-                num_tokens,
-                reset,
-                next_token,
-                self._sampling_rows(rows),
-            )
+        chunk = self.prefill_chunk
+        num_chunks = {job.slot: max(1, -(-len(job.tokens) // chunk)) for job in jobs}
+        for job in jobs:
+            self._last_token[job.slot] = job.next_token
+            start = 0 if job.reset else self._lengths[job.slot]
+            self._lengths[job.slot] = start + len(job.tokens)
+        for r in range(max(num_chunks.values(), default=0)):
+            todo = [job for job in jobs if num_chunks[job.slot] > r]
+            if len(todo) == 1 or _ONE_BY_ONE_SHARE * len(todo) <= self.num_slots:
+                for job in todo:
+                    self._state = self._prefill_fn(*self._prefill_args([job], r, 1))
+            else:
+                self._state = self._prefill_fn(*self._prefill_args(todo, r, self.num_slots))
+
+    def _prefill_args(self, jobs: Sequence[_PendingPrefill], chunk_index: int, width: int):
+        """Arguments of the prefill program for chunk `chunk_index` of `jobs` in `width` rows.
+
+        With width num_slots, row i is slot i; otherwise jobs fill the first rows. Padding rows
+        point past the last slot: their gathers read zeros and their writes drop.
+        """
+        chunk = self.prefill_chunk
+        slot_ids = np.full((width,), self.num_slots, np.int32)
+        tokens = np.zeros((width, chunk), np.int32)
+        num_tokens = np.zeros((width,), np.int32)
+        reset = np.zeros((width,), np.bool_)
+        next_token = np.zeros((width,), np.int32)
+        rows: list[SamplingParams | None] = [None] * width
+        for i, job in enumerate(jobs):
+            row = job.slot if width == self.num_slots else i
+            piece = job.tokens[chunk_index * chunk : (chunk_index + 1) * chunk]
+            slot_ids[row] = job.slot
+            tokens[row, : len(piece)] = piece
+            num_tokens[row] = len(piece)
+            reset[row] = job.reset and chunk_index == 0
+            next_token[row] = job.next_token
+            rows[row] = job.sampling
+        sampling = self._sampling_rows(rows)
+        return (
+            self._params,
+            self._state,
+            slot_ids,
+            tokens,
+            num_tokens,
+            reset,
+            next_token,
+            sampling,
+        )
 
     # -- jitted programs ------------------------------------------------------------------------
 
     def _prefill_impl(
         self, params, state: EngineState, slot_ids, tokens, num_tokens, reset, next_token, sampling
     ) -> EngineState:
-        """Writes tokens [P, T] into the caches of slots [P] and arms them for decoding."""
+        """Writes tokens [P, T] after the cached entries of slots [P] and arms them for decoding.
+
+        Arming (pending token, sampling settings, budget) is the same for every chunk of a job,
+        so each chunk applies it; `reset` empties a slot's cache first (the first chunk of `add`).
+        """
         self.num_compilations += 1
         model = nnx.merge(self._graphdef, params)
         cache = state.cache
-
-        def rows(x):
-            return x.at[:, slot_ids].get(mode="fill", fill_value=0)
-
-        start = jnp.where(reset, 0, cache.lengths.at[slot_ids].get(mode="fill", fill_value=0))
-        sub = model_lib.KVCache(k=rows(cache.k), v=rows(cache.v), lengths=start)  # [L, P, S, K, H]
-        t = tokens.shape[1]
+        p, t = tokens.shape
+        lengths = cache.lengths.at[slot_ids].get(mode="fill", fill_value=0)
+        start = jnp.where(reset, 0, lengths)  # [P]
         positions = start[:, None] + jnp.arange(t)[None, :]  # [P, T]
-        mask = jnp.arange(t)[None, :] < num_tokens[:, None]
+        mask = jnp.arange(t)[None, :] < num_tokens[:, None]  # padding rows and tokens write nothing
         # Only the cache is needed; hidden states skip the LM head.
-        _, sub = model.hidden_states(tokens, positions, sub, mask)
+        if p == self.num_slots:
+            # Row i is slot i (or padding): the model writes the engine's cache in place.
+            past = model_lib.KVCache(k=cache.k, v=cache.v, lengths=start)
+            _, new = model.hidden_states(tokens, positions, past, mask)
+            k, v = new.k, new.v
+        else:
+
+            def rows(x):
+                return x.at[:, slot_ids].get(mode="fill", fill_value=0)
+
+            past = model_lib.KVCache(k=rows(cache.k), v=rows(cache.v), lengths=start)
+            _, new = model.hidden_states(tokens, positions, past, mask)
+            # Copy back only the entries this chunk wrote, not the gathered rows.
+            write_idx = jnp.where(mask, positions, self.max_len)  # [P, T]
+            src = (slice(None), jnp.arange(p)[:, None], write_idx)
+            dst = (slice(None), slot_ids[:, None], write_idx)
+            k = cache.k.at[dst].set(new.k.at[src].get(mode="fill", fill_value=0), mode="drop")
+            v = cache.v.at[dst].set(new.v.at[src].get(mode="fill", fill_value=0), mode="drop")
         cache = model_lib.KVCache(
-            k=cache.k.at[:, slot_ids].set(sub.k, mode="drop"),
-            v=cache.v.at[:, slot_ids].set(sub.v, mode="drop"),
-            lengths=cache.lengths.at[slot_ids].set(sub.lengths, mode="drop"),
+            k=k, v=v, lengths=cache.lengths.at[slot_ids].set(start + num_tokens, mode="drop")
         )
 
         def put(x, value):
@@ -693,8 +744,3 @@ class Engine:
         state = state.replace(active=state.active & allowed)
         _, state = jax.lax.while_loop(keep_going, one_step, (jnp.int32(0), state))
         return state
-
-
-def _pow2_bucket(n: int, floor: int, cap: int) -> int:
-    """Smallest power of two >= max(n, floor), capped: few shapes, so few compilations."""
-    return min(cap, 1 << (max(n, floor, 1) - 1).bit_length())

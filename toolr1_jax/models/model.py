@@ -203,8 +203,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, config.rms_norm_eps, "head_dim", dtype)
             self.k_norm = RMSNorm(h, config.rms_norm_eps, "head_dim", dtype)
 
-    def __call__(self, x, positions, inv_freq, kv_fn):
-        """x: [B, T, D]. `kv_fn(k, v) -> (keys, values, mask)` supplies the keys to attend to."""
+    def __call__(self, x, positions, inv_freq, mask, past=None):
+        """Attention output [B, T, D] and the new tokens' keys and values [B, T, K, H].
+
+        x: [B, T, D]; mask [B, T, T] says which new tokens each new token sees. `past`, if given,
+        is (keys [B, S, K, H], values, mask [B, 1 or T, S]): cached entries attended to jointly
+        with the new tokens (one softmax over both), read but never written here.
+        """
         cfg = self.config
         q = jnp.einsum("btd,dnh->btnh", x, self.wq_dnh[...])
         k = jnp.einsum("btd,dkh->btkh", x, self.wk_dkh[...])
@@ -215,18 +220,34 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        if past is not None:
+            # The new keys are attended in the cache's dtype, as if read back from it.
+            k, v = k.astype(past[0].dtype), v.astype(past[1].dtype)
 
-        keys, values, mask = kv_fn(k, v)  # [B, S, K, H], [B, S, K, H], [B, T, S]
         b, t = q.shape[:2]
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+
+        def scores_for(keys, keys_mask):
+            scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+            scores = scores / math.sqrt(cfg.head_dim)
+            return jnp.where(keys_mask[:, None, None, :, :], scores, _MASK_VALUE)
+
+        scores = scores_for(k, mask)  # [B, K, G, T, T]
+        if past is None:
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+        else:
+            past_k, past_v, past_mask = past
+            s = past_k.shape[1]
+            # One softmax over cached and new keys; the cache is only read, so XLA never has to
+            # copy it to keep a read after an in-place write correct.
+            joint = jnp.concatenate([scores_for(past_k, past_mask), scores], axis=-1)
+            probs = jax.nn.softmax(joint, axis=-1).astype(v.dtype)  # [B, K, G, T, S + T]
+            out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], past_v)
+            out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., s:], v)
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo_nhd[...])
+        return jnp.einsum("btnh,nhd->btd", out, self.wo_nhd[...]), k, v
 
 
 class MLP(nnx.Module):
@@ -249,9 +270,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, positions, inv_freq, kv_fn):
-        x = x + self.attn(self.attn_norm(x), positions, inv_freq, kv_fn)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, inv_freq, mask, past=None):
+        """Block output [B, T, D] and the new tokens' keys and values [B, T, K, H]."""
+        attn, k, v = self.attn(self.attn_norm(x), positions, inv_freq, mask, past)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), k, v
 
 
 class Transformer(nnx.Module):
@@ -277,7 +300,9 @@ class Transformer(nnx.Module):
         (padding, left or right, is masked out as keys).
         With a cache: row b's T new tokens are written at cache indices `lengths[b] + t` and
         attend to everything before them; `attn_mask` [B, T] marks which new tokens are real (they
-        must be a prefix of the row: right padding) and the returned lengths advance by that count.
+        must be a prefix of the row: right padding). Only real tokens are written, so a row whose
+        mask is all False leaves its cache untouched, and the returned lengths advance by the
+        count of real tokens.
         """
         hidden, cache = self.hidden_states(tokens, positions, cache, attn_mask)
         return self.logits(hidden), cache
@@ -289,36 +314,63 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, tokens, positions, cache: KVCache | None = None, attn_mask=None):
         """Final-normed hidden states [B, T, D] and the updated cache."""
-        b, t = tokens.shape
-        if attn_mask is None:
-            attn_mask = jnp.ones((b, t), jnp.bool_)
-        attn_mask = attn_mask.astype(jnp.bool_)
-        inv_freq = rope_inv_freq(self.config)
-        x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
-
         if cache is None:
+            b, t = tokens.shape
+            if attn_mask is None:
+                attn_mask = jnp.ones((b, t), jnp.bool_)
             causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-            mask = causal[None] & attn_mask[:, None, :]  # [B, T, T]
+            mask = causal[None] & attn_mask.astype(jnp.bool_)[:, None, :]  # [B, T, T]
+            x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
+            inv_freq = rope_inv_freq(self.config)
             for layer in self.layers:
-                x = layer(x, positions, inv_freq, lambda k, v: (k, v, mask))
+                x, _, _ = layer(x, positions, inv_freq, mask)
             return self.final_norm(x), None
 
-        s = cache.max_len
-        write_idx = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-        rows = jnp.arange(b)[:, None]
-        # Key j is visible to new token t of row b iff j <= lengths[b] + t.
-        mask = jnp.arange(s)[None, None, :] <= write_idx[:, :, None]  # [B, T, S]
-        new_k, new_v = cache.k, cache.v
+        hidden, k, v = self._hidden_states_and_kv(tokens, positions, cache, attn_mask)
+        # The write must follow every read of the cache, or XLA copies the whole cache to keep
+        # the reads correct. The last layer's reads feed only the hidden states, so tie k/v to
+        # them with a data dependence (XLA keeps x * 0 for floats; an optimization_barrier does
+        # not order anything on CPU). Untied, decode copied the cache twice per step.
+        tie = (hidden[0, 0, 0] * 0).astype(k.dtype)
+        k, v = k + tie, v + tie
+        return hidden, _write_kv(cache, k, v, attn_mask)
+
+    def _hidden_states_and_kv(self, tokens, positions, cache: KVCache, attn_mask=None):
+        """Hidden states [B, T, D] and the new tokens' keys and values [L, B, T, K, H].
+
+        Row b's new tokens attend to its `lengths[b]` cached entries and causally to each other;
+        the cache is only read. `write_kv` stores the keys and values; callers that keep a larger
+        cache (the engine) store them there instead.
+        """
+        b, t = tokens.shape
+        x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
+        inv_freq = rope_inv_freq(self.config)
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), jnp.bool_)), (b, t, t))
+        past_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None, :]
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, positions, inv_freq, causal, (cache.k[i], cache.v[i], past_mask))
+            new_k.append(k)
+            new_v.append(v)
+        return self.final_norm(x), jnp.stack(new_k), jnp.stack(new_v)
 
-            def kv_fn(k, v, i=i):
-                nonlocal new_k, new_v
-                # Indices past the cache end are dropped; the engine rejects sequences that
-                # would need them before it gets here.
-                new_k = new_k.at[i, rows, write_idx].set(k.astype(new_k.dtype), mode="drop")
-                new_v = new_v.at[i, rows, write_idx].set(v.astype(new_v.dtype), mode="drop")
-                return new_k[i], new_v[i], mask
 
-            x = layer(x, positions, inv_freq, kv_fn)
-        lengths = cache.lengths + attn_mask.sum(axis=-1).astype(jnp.int32)
-        return self.final_norm(x), KVCache(k=new_k, v=new_v, lengths=lengths)
+def _write_kv(cache: KVCache, k, v, attn_mask=None) -> KVCache:
+    """Writes new keys and values [L, B, T, K, H] at cache indices `lengths[b] + t`.
+
+    `attn_mask` [B, T] marks real tokens (a prefix of each row); only those are written, and the
+    lengths advance by their count. Indices past the cache end are dropped; the engine rejects
+    sequences that would need them before it gets here.
+    """
+    b, t = k.shape[1:3]
+    if attn_mask is None:
+        attn_mask = jnp.ones((b, t), jnp.bool_)
+    attn_mask = attn_mask.astype(jnp.bool_)
+    write_idx = jnp.where(attn_mask, cache.lengths[:, None] + jnp.arange(t)[None, :], cache.max_len)
+    rows = jnp.arange(b)[:, None]
+    # One scatter per array for all layers, after every read of the cache.
+    return KVCache(
+        k=cache.k.at[:, rows, write_idx].set(k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[:, rows, write_idx].set(v.astype(cache.v.dtype), mode="drop"),
+        lengths=cache.lengths + attn_mask.sum(axis=-1).astype(jnp.int32),
+    )

@@ -432,6 +432,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         num_slots=config.engine.num_slots,
         max_len=config.engine.max_len,
     )
+    engine.warmup()  # compile every engine program now: steps after the first compile nothing
     train_step = update.make_train_step(
         graphdef,
         optimizer,

@@ -78,9 +78,8 @@ def get_config(arg=None):
         c.grpo.questions_per_step = 4
         c.grpo.group_size = 4
         c.data.num_eval = 8
-        # Enough SFT for the tiny model to write level-1 solutions (about 70 steps at batch 8).
         c.sft.num_demos = 64
-        c.sft.num_steps = 80
+        c.sft.num_steps = 40
         c.sft.batch_size = 8
         c.sft.lr = 2e-2
         c.sft.warmup_steps = 2

@@ -520,7 +520,12 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 opt_state=sft_optimizer.init(params),
                 num_steps=config.sft.num_steps,
                 batch_size=config.sft.batch_size,
-                max_len=config.agent.max_total_tokens,
+                # Pad to the longest demonstration (not the episode budget): one compile, less
+                # padding.
+                max_len=min(
+                    config.agent.max_total_tokens,
+                    -(-max(len(d.tokens) for d in demos) // 64) * 64,
+                ),
                 seed=config.seed,
                 mesh=mesh,
                 num_microbatches=config.optim.num_microbatches,

@@ -49,10 +49,16 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     ckpt = checkpoint.Checkpointer(str(directory))
     with caplog.at_level(logging.WARNING):
         step, state, meta = ckpt.restore_latest(_state(0))
-    ckpt.close()
     assert step == 1 and meta == {"step": 1}
     _assert_tree_equal(state, _state(1))
     assert "step 2" in caplog.text and "falling back to step 1" in caplog.text
+    # The bad checkpoint is kept aside, and its step can be written again.
+    assert (directory / "corrupt_step_2").is_dir()
+    ckpt.save(2, _state(7), {"step": 2})
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 2]
+    assert ckpt.restore_latest(_state(0))[2] == {"step": 2}
+    ckpt.close()
 
 
 def test_partial_latest_is_skipped(tmp_path):

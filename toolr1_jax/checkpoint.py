@@ -60,17 +60,33 @@ class Checkpointer:
                 state, meta = self._restore_step(self._manager, step, like_state)
             except Exception as e:  # noqa: BLE001  any failure means this checkpoint is unusable
                 older = steps[: len(steps) - i - 1]
+                kept = self._set_aside(step)
                 log.warning(
-                    "Checkpoint at step %d in %s is corrupt or incomplete (%s: %s); %s",
+                    "Checkpoint at step %d in %s is corrupt or incomplete (%s: %s); moved it to "
+                    "%s; %s",
                     step,
                     self.directory,
                     type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "",
+                    kept,
                     f"falling back to step {older[-1]}." if older else "no older checkpoint.",
                 )
                 continue
             return step, state, meta
         return None
+
+    def _set_aside(self, step: int) -> str:
+        """Renames a bad step's folder so the step can be saved again; kept for inspection."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, f"corrupt_step_{step}")
+        suffix = 0
+        while os.path.exists(dst):
+            suffix += 1
+            dst = os.path.join(self.directory, f"corrupt_step_{step}.{suffix}")
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        self._manager.reload()
+        return dst
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

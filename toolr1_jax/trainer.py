@@ -63,20 +63,14 @@ def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict) -> None:
     """Checks that need no work done: fails before any model, data or sandbox is touched."""
-    num_devices = num_devices or jax.device_count()
     m = config.mesh
     try:
-        sizes = [m.data, m.fsdp, m.tensor]
-        known = int(np.prod([s for s in sizes if s != -1]))
-        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ValueError("sizes must be positive, with at most one -1")
-        if (-1 in sizes and num_devices % known) or (-1 not in sizes and known != num_devices):
-            raise ValueError(f"they do not divide the {num_devices} devices")
+        sharding.make_mesh(m.data, m.fsdp, m.tensor)
     except ValueError as e:
         raise build.ConfigError(
-            f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: {e}."
+            f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: {e}"
         ) from None
     if config.model.init_from and not os.path.isfile(
         os.path.join(config.model.init_from, "config.json")
@@ -257,7 +251,7 @@ def summarize_accuracy(workdir: pathlib.Path) -> dict[str, float]:
 
 
 def make_batch(groups, *, num_rows: int, length: int, scale: bool, drop_truncated: bool):
-    """Scored groups -> a fixed-shape `update.Batch` (host numpy) and per-step statistics.
+    """Scored groups -> a fixed-shape `update.Batch` of host arrays.
 
     Rows of dropped groups and padding rows have an all-zero loss mask. Fixed shapes keep the
     update program compiled once.

@@ -82,6 +82,14 @@ class Tokenizer:
         """Ids of `messages` with the generation prompt (so ending in the assistant header)."""
         return self.encode(self.render(messages, add_generation_prompt=True))
 
+    def defuse_special_tokens(self, text: str) -> str:
+        """`text` with a zero-width space after the first character of every special-token
+        string, so it tokenizes as plain text."""
+        for token in self._special_tokens:
+            if token in text:
+                text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
+
     def turn_delta_ids(self, role: str, content: str) -> list[int]:
         """Ids to append after an assistant turn that stopped before closing (e.g. at `</code>`).
 
@@ -89,8 +97,10 @@ class Tokenizer:
         open the next assistant turn. The delta is the template's text difference between a
         conversation ending in an assistant turn and the same one with the new message; it must
         start with a special token, so that tokenizing it alone gives the same ids as tokenizing
-        the whole conversation.
+        the whole conversation. Special-token strings inside `content` (a program can print
+        `<|im_end|>`) are defused first, so an observation can never end a turn.
         """
+        content = self.defuse_special_tokens(content)
         base = [{"role": "user", "content": _USER_MARKER}]
         head = self.render(base, add_generation_prompt=True)
         full = self.render(

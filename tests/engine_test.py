@@ -130,29 +130,7 @@ def _decode_until_stopped(engine, slot, max_steps=64):
     raise AssertionError(f"slot {slot} did not stop")
 
 
-def test_greedy_matches_transformers_generate(engine, hf_model):
-    max_new = 12
-    completions = engine.generate(PROMPTS, engine_lib.SamplingParams(max_new_tokens=max_new))
-    for prompt, completion in zip(PROMPTS, completions, strict=True):
-        with torch.no_grad():
-            out = hf_model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-            )
-        expected = out[0, len(prompt) :].tolist()
-        assert completion.tokens.tolist() == expected
-        assert completion.finish_reason == "length"
-    assert engine.num_free_slots == NUM_SLOTS
-
-
-def test_long_prompts_prefill_in_chunks_like_transformers(engine, hf_model):
-    # 3, 2 and 1 chunks of 16, next to each other in one batched prefill.
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (41, 17, 16)]
-    max_new = 6
+def _assert_greedy_matches_transformers(engine, hf_model, prompts, max_new):
     completions = engine.generate(prompts, engine_lib.SamplingParams(max_new_tokens=max_new))
     for prompt, completion in zip(prompts, completions, strict=True):
         with torch.no_grad():
@@ -164,6 +142,19 @@ def test_long_prompts_prefill_in_chunks_like_transformers(engine, hf_model):
                 min_new_tokens=max_new,
             )
         assert completion.tokens.tolist() == out[0, len(prompt) :].tolist()
+        assert completion.finish_reason == "length"
+    assert engine.num_free_slots == NUM_SLOTS
+
+
+def test_greedy_matches_transformers_generate(engine, hf_model):
+    _assert_greedy_matches_transformers(engine, hf_model, PROMPTS, max_new=12)
+
+
+def test_long_prompts_prefill_in_chunks_like_transformers(engine, hf_model):
+    # 3, 2 and 1 chunks of 16, next to each other in one batched prefill.
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (41, 17, 16)]
+    _assert_greedy_matches_transformers(engine, hf_model, prompts, max_new=6)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])

@@ -2,7 +2,8 @@
 filters, stop handling, bad input and steady-state compilation.
 
 One engine is shared by the module (compilation dominates on CPU); every test leaves it idle. Its
-prefill chunk is short, so longer prompts and histories are written in several chunks.
+prefill chunk is short, so longer prompts and histories are written in several chunks. Every test
+runs twice: with a decode row per slot, and with two rows for four slots (slots take turns).
 """
 
 import jax
@@ -88,10 +89,14 @@ def model(hf_model):
     return _to_nnx(hf_model)
 
 
-@pytest.fixture(scope="module")
-def engine(model):
+@pytest.fixture(scope="module", params=[NUM_SLOTS, 2], ids=["all_rows", "2_rows"])
+def engine(model, request):
     return engine_lib.Engine(
-        model, num_slots=NUM_SLOTS, max_len=MAX_LEN, prefill_chunk=PREFILL_CHUNK
+        model,
+        num_slots=NUM_SLOTS,
+        max_len=MAX_LEN,
+        prefill_chunk=PREFILL_CHUNK,
+        decode_rows=request.param,
     )
 
 
@@ -225,6 +230,29 @@ def test_slots_are_independent(engine):
     assert crowd[-1].tokens.tolist() == alone.tokens.tolist()
     np.testing.assert_allclose(crowd[-1].logprobs, alone.logprobs, rtol=0, atol=1e-5)
     assert [len(c.tokens) for c in crowd[:5]] == [3, 20, 2, 9, 5]
+
+
+def test_slots_beyond_the_rows_take_turns_and_keep_their_cache(engine, full_logprobs):
+    prompts = [[3, 1, 4], [1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]
+    slots = [engine.add(p, engine_lib.SamplingParams(max_new_tokens=3)) for p in prompts]
+    # The slots armed first hold the rows until they stop; the others wait their turn.
+    turns = {}
+    for k in range(0, len(slots), engine.decode_rows):
+        outs = engine.step(8)
+        assert sorted(out.slot for out in outs) == sorted(slots[k : k + engine.decode_rows])
+        turns.update((out.slot, out) for out in outs)
+    # The first slot waited, stopped, while the others decoded; it continues from its cache.
+    engine.append(slots[0], [7, 7])
+    (second,) = engine.step(8)
+    for slot in slots:
+        engine.release(slot)
+    for prompt, slot in zip(prompts, slots, strict=True):
+        _, rows = _sampled_logprobs(full_logprobs, prompt, turns[slot].tokens)
+        np.testing.assert_array_equal(turns[slot].tokens, rows.argmax(axis=-1))
+    history = prompts[0] + turns[slots[0]].tokens.tolist() + [7, 7]
+    _, rows = _sampled_logprobs(full_logprobs, history, second.tokens)
+    assert second.slot == slots[0] and len(second.tokens) == 3
+    np.testing.assert_array_equal(second.tokens, rows.argmax(axis=-1))
 
 
 def test_seed_makes_sampling_reproducible(engine):
@@ -431,7 +459,8 @@ def test_no_compilation_after_warmup(engine):
             backend_compiles.append(duration_s)
 
     engine.warmup()
-    # Prefill for one slot, prefill for all slots, decode: all this module's tests ever compiled.
+    # Prefill for one slot, prefill for decode_rows slots, decode: all this module's tests ever
+    # compiled.
     assert engine.num_compilations == 3
     rng = np.random.default_rng(0)
 

@@ -1,17 +1,23 @@
 """Rollout engine: jitted prefill and decode over a slot-based KV cache (continuous batching).
 
 The engine owns a fixed number of slots over one contiguous cache `[L, slots, max_len, K, H]`.
-The host adds a sequence to a free slot, lets the device decode every active slot in chunks, reads
+The host adds a sequence to a free slot, lets the device decode active slots in chunks, reads
 what stopped slots generated (tokens, log-probs, finish reason), appends observations to stopped
 slots without re-reading their history, and releases slots. `generate` is a batch call on top.
+
+A program computes at most `decode_rows` slots at once (all of them by default). With fewer rows
+than slots, each decode chunk gathers the state of the rows it runs (the longest-waiting decoding
+slots) and scatters it back, so a slot whose sequence waits (its episode's tool is running) keeps
+its cache without taking a row, and resumes with an append of the observation alone.
 
 Each slot keeps its newest token *pending*: sampled (or given) but not yet in the cache. Decode
 feeds the pending token and samples the next one; prefill writes a prompt minus its last token,
 and an append writes the pending token plus the observation minus its last token. So positions
 are always `cache length`, and every sampling step goes through the one decode program.
 
-The engine compiles exactly three programs (two when there is one slot), whatever the prompts:
-prefill of one fixed-length chunk for one slot, the same for every slot at once, and decode.
+The engine compiles exactly three programs (two when there is one row), whatever the prompts:
+prefill of one fixed-length chunk for one slot, the same for `decode_rows` slots at once, and
+decode.
 Longer writes run chunk after chunk, each attending to what earlier chunks wrote. `warmup`
 compiles all three up front.
 """
@@ -35,8 +41,8 @@ from toolr1_jax.models import model as model_lib
 _NOT_FINISHED, _FINISH_STOP, _FINISH_LENGTH = 0, 1, 2
 _FINISH_NAMES = {_FINISH_STOP: "stop", _FINISH_LENGTH: "length"}
 _PAD_ID = -1  # pads stop-id and stop-sequence tables; never equals a real token id
-# A prefill round with at most num_slots / this many jobs runs them one by one through the
-# one-slot program: the all-slots program costs num_slots rows however few of them are real.
+# A prefill batch with at most decode_rows / this many jobs runs them one by one through the
+# one-slot program: the batched program costs decode_rows rows however few of them are real.
 _ONE_BY_ONE_SHARE = 4
 
 
@@ -215,6 +221,11 @@ class Engine:
     `num_free_slots`, `set_params`, `warmup`, and `generate` on top of them. Prefills queued by
     `add` and `append` run at the start of the next `step`, in chunks of `prefill_chunk` tokens
     (capped at max_len).
+
+    `num_slots` is how many sequences the cache holds; `decode_rows` (default: num_slots) is how
+    many of them one program computes. Slots beyond the rows cost cache memory only: a stopped
+    slot waiting for its append takes no row, and when more slots decode than there are rows,
+    each chunk runs those that have waited longest since their add/append.
     """
 
     def __init__(
@@ -227,21 +238,27 @@ class Engine:
         max_stop_sequences: int = 4,
         max_stop_len: int = 16,
         prefill_chunk: int = 256,
+        decode_rows: int | None = None,
     ):
+        decode_rows = num_slots if decode_rows is None else decode_rows
         for name, value in (
             ("num_slots", num_slots),
             ("max_len", max_len),
             ("prefill_chunk", prefill_chunk),
+            ("decode_rows", decode_rows),
             ("max_stop_ids", max_stop_ids),
             ("max_stop_sequences", max_stop_sequences),
             ("max_stop_len", max_stop_len),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if decode_rows > num_slots:
+            raise ValueError(f"decode_rows ({decode_rows}) must be <= num_slots ({num_slots}).")
         if max_len < 2:
             raise ValueError("max_len must be >= 2 (a prompt token and a generated one).")
         self.config = model.config
         self.num_slots = num_slots
+        self.decode_rows = decode_rows
         self.max_len = max_len
         self.max_stop_ids = max_stop_ids
         self.max_stop_sequences = max_stop_sequences
@@ -267,6 +284,9 @@ class Engine:
         self._lengths = np.zeros(num_slots, np.int64)  # host mirror of the cache lengths
         self._last_token = np.zeros(num_slots, np.int64)  # host mirror of the pending token
         self._queued: dict[int, _PendingPrefill] = {}
+        # When each slot was last armed (add/append): the longest-waiting decode first.
+        self._armed_at = np.zeros(num_slots, np.int64)
+        self._num_armed = 0
 
     # -- public host API ------------------------------------------------------------------------
 
@@ -310,11 +330,12 @@ class Engine:
 
         Runs each once on padding rows that change no slot; safe at any time.
         """
-        for width in sorted({1, self.num_slots}):
+        for width in sorted({1, self.decode_rows}):
             self._state = self._prefill_fn(*self._prefill_args([], 0, width))
         decoding = np.array([s is _Status.DECODING for s in self._status])
         # Zero steps: decode only applies what `step` would (released slots stop).
-        self._state = self._decode_fn(self._params, self._state, decoding, np.int32(0))
+        rows = self._rows_to_decode(decoding)
+        self._state = self._decode_fn(self._params, self._state, rows, decoding, np.int32(0))
 
     def add(self, tokens: Sequence[int], sampling: SamplingParams) -> int:
         """Puts a prompt in a free slot and returns the slot id; it decodes from the next step."""
@@ -332,8 +353,7 @@ class Engine:
             raise RuntimeError(f"add: all {self.num_slots} slots are in use; release one first.")
         slot = free[0]
         self._queued[slot] = _PendingPrefill(slot, tokens[:-1], tokens[-1], True, sampling)
-        self._status[slot] = _Status.DECODING
-        self._sampling[slot] = sampling
+        self._arm(slot, sampling)
         return slot
 
     def append(
@@ -360,8 +380,7 @@ class Engine:
         self._check_sampling(sampling)
         seq = (int(self._last_token[slot]), *tokens)
         self._queued[slot] = _PendingPrefill(slot, seq[:-1], seq[-1], False, sampling)
-        self._status[slot] = _Status.DECODING
-        self._sampling[slot] = sampling
+        self._arm(slot, sampling)
 
     def release(self, slot: int) -> None:
         """Frees a live slot (stopped or still decoding)."""
@@ -371,7 +390,8 @@ class Engine:
         self._sampling[slot] = None
 
     def step(self, max_steps: int) -> list[SlotOutput]:
-        """Runs queued prefills, then up to `max_steps` decode steps over every decoding slot.
+        """Runs queued prefills, then up to `max_steps` decode steps over up to `decode_rows`
+        decoding slots (the longest-waiting ones).
 
         Returns the slots that stopped in this chunk; they stay live until `release`.
         """
@@ -381,7 +401,10 @@ class Engine:
         decoding = np.array([s is _Status.DECODING for s in self._status])
         if not decoding.any():
             return []
-        self._state = self._decode_fn(self._params, self._state, decoding, np.int32(max_steps))
+        rows = self._rows_to_decode(decoding)
+        self._state = self._decode_fn(
+            self._params, self._state, rows, decoding, np.int32(max_steps)
+        )
         active, finish, num_gen, lengths = jax.device_get(
             (
                 self._state.active,
@@ -461,6 +484,25 @@ class Engine:
             for slot in owner:
                 self.release(slot)
         return results
+
+    def _arm(self, slot: int, sampling: SamplingParams) -> None:
+        self._status[slot] = _Status.DECODING
+        self._sampling[slot] = sampling
+        self._num_armed += 1
+        self._armed_at[slot] = self._num_armed
+
+    def _rows_to_decode(self, decoding: np.ndarray) -> np.ndarray:
+        """Slot ids [decode_rows] for the next decode chunk, padded with num_slots (no slot).
+
+        A slot keeps its row until it stops: it was armed before any slot still waiting.
+        """
+        if self.decode_rows == self.num_slots:
+            return np.arange(self.num_slots, dtype=np.int32)
+        waiting = np.flatnonzero(decoding)
+        chosen = waiting[np.argsort(self._armed_at[waiting], kind="stable")[: self.decode_rows]]
+        rows = np.full((self.decode_rows,), self.num_slots, np.int32)
+        rows[: len(chosen)] = chosen
+        return rows
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -588,13 +630,15 @@ class Engine:
             self._last_token[job.slot] = job.next_token
             start = 0 if job.reset else self._lengths[job.slot]
             self._lengths[job.slot] = start + len(job.tokens)
+        width = self.decode_rows
         for r in range(max(num_chunks.values(), default=0)):
             todo = [job for job in jobs if num_chunks[job.slot] > r]
-            if len(todo) == 1 or _ONE_BY_ONE_SHARE * len(todo) <= self.num_slots:
-                for job in todo:
-                    self._state = self._prefill_fn(*self._prefill_args([job], r, 1))
-            else:
-                self._state = self._prefill_fn(*self._prefill_args(todo, r, self.num_slots))
+            for batch in (todo[i : i + width] for i in range(0, len(todo), width)):
+                if len(batch) == 1 or _ONE_BY_ONE_SHARE * len(batch) <= width:
+                    for job in batch:
+                        self._state = self._prefill_fn(*self._prefill_args([job], r, 1))
+                else:
+                    self._state = self._prefill_fn(*self._prefill_args(batch, r, width))
 
     def _prefill_args(self, jobs: Sequence[_PendingPrefill], chunk_index: int, width: int):
         """Arguments of the prefill program for chunk `chunk_index` of `jobs` in `width` rows.
@@ -685,13 +729,24 @@ class Engine:
             sampling=jax.tree.map(put, state.sampling, sampling),
         )
 
-    def _decode_impl(self, params, state: EngineState, allowed, max_steps) -> EngineState:
-        """Decodes every active slot up to `max_steps` steps; stops early when all have finished.
+    def _decode_impl(self, params, state: EngineState, rows, allowed, max_steps) -> EngineState:
+        """Decodes the active slots among `rows` up to `max_steps` steps.
 
-        `allowed` [B] is the host's view of which slots decode; it deactivates released slots.
+        `rows` [decode_rows] are slot ids (num_slots pads); `allowed` [B] is the host's view of
+        which slots decode, and deactivates released slots.
         """
         self.num_compilations += 1
         model = nnx.merge(self._graphdef, params)
+        state = state.replace(active=state.active & allowed)
+        if rows.shape[0] == self.num_slots:
+            return self._decode_loop(model, state, max_steps)  # every slot has its row
+        # One gather and one scatter of the rows' state per chunk, not per step. Writing back
+        # whole cache rows costs about one step's cache read per chunk.
+        decoded = self._decode_loop(model, _take_rows(state, rows), max_steps)
+        return _put_rows(state, rows, decoded)
+
+    def _decode_loop(self, model, state: EngineState, max_steps) -> EngineState:
+        """Decodes every active row up to `max_steps` steps; stops early when all have finished."""
         b, s = state.gen_tokens.shape
         sp = state.sampling
         rows = jnp.arange(b)
@@ -741,6 +796,49 @@ class Engine:
             i, st = carry
             return (i < max_steps) & jnp.any(st.active)
 
-        state = state.replace(active=state.active & allowed)
         _, state = jax.lax.while_loop(keep_going, one_step, (jnp.int32(0), state))
         return state
+
+
+def _take_rows(state: EngineState, rows) -> EngineState:
+    """The state of slots `rows`; ids past the last slot read zeros (inactive padding rows)."""
+
+    def take(x, axis=0):
+        return jnp.take(x, rows, axis=axis, mode="fill", fill_value=0)
+
+    cache = state.cache
+    return EngineState(
+        cache=model_lib.KVCache(
+            k=take(cache.k, 1), v=take(cache.v, 1), lengths=take(cache.lengths)
+        ),
+        next_token=take(state.next_token),
+        active=take(state.active),
+        finish_reason=take(state.finish_reason),
+        num_generated=take(state.num_generated),
+        gen_tokens=take(state.gen_tokens),
+        gen_logprobs=take(state.gen_logprobs),
+        sampling=jax.tree.map(take, state.sampling),
+    )
+
+
+def _put_rows(state: EngineState, rows, decoded: EngineState) -> EngineState:
+    """`state` with slots `rows` set from `decoded`; padding rows write nothing. Decoding never
+    changes the sampling settings, so they are not written back."""
+
+    def put(x, y, axis=0):
+        return x.at[(slice(None),) * axis + (rows,)].set(y, mode="drop")
+
+    cache, new = state.cache, decoded.cache
+    return state.replace(
+        cache=model_lib.KVCache(
+            k=put(cache.k, new.k, 1),
+            v=put(cache.v, new.v, 1),
+            lengths=put(cache.lengths, new.lengths),
+        ),
+        next_token=put(state.next_token, decoded.next_token),
+        active=put(state.active, decoded.active),
+        finish_reason=put(state.finish_reason, decoded.finish_reason),
+        num_generated=put(state.num_generated, decoded.num_generated),
+        gen_tokens=put(state.gen_tokens, decoded.gen_tokens),
+        gen_logprobs=put(state.gen_logprobs, decoded.gen_logprobs),
+    )

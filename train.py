@@ -27,6 +27,9 @@ def main(argv):
     config = _CONFIG.value
     d = config.distributed
     if d.enabled:
+        # Cross-process collectives between CPU devices (tests, CPU clusters) go through gloo,
+        # JAX's default here; named so that a change of default cannot silently drop them.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         # Before anything touches a device: every process joins the same global mesh.
         jax.distributed.initialize(
             coordinator_address=d.coordinator_address or None,

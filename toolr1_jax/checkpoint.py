@@ -3,6 +3,8 @@
 A checkpoint is two items: `state`, a pytree of arrays (params, optimizer state, the queue's device
 arrays, the RNG key), and `meta`, a JSON dict of host state (step, data position, question
 statistics, counters). Saving is asynchronous; the last `max_to_keep` checkpoints are kept.
+With several processes every one saves and restores (arrays must be global: each writes its own
+shards) and orbax lets process 0 alone write the JSON and commit markers.
 Restoring walks back from the newest step until one restores cleanly, so a checkpoint that a crash
 left partial or that was corrupted later costs one save interval, never the run.
 """
@@ -21,6 +23,13 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _abstract(tree):
@@ -76,7 +85,12 @@ class Checkpointer:
         return None
 
     def _set_aside(self, step: int) -> str:
-        """Renames a bad step's folder so the step can be saved again; kept for inspection."""
+        """Renames a bad step's folder so the step can be saved again; kept for inspection.
+
+        With several processes, process 0 renames it once all have given up on it, and none
+        looks at the directory again before the rename is done.
+        """
+        _barrier(f"checkpoint_{step}_unusable")
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(self.directory, f"corrupt_step_{step}")
         suffix = 0
@@ -85,6 +99,7 @@ class Checkpointer:
             dst = os.path.join(self.directory, f"corrupt_step_{step}.{suffix}")
         if jax.process_index() == 0:
             os.rename(src, dst)
+        _barrier(f"checkpoint_{step}_set_aside")
         self._manager.reload()
         return dst
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
+import pickle
 import sys
 import time
 from typing import Any
@@ -287,11 +290,124 @@ def make_batch(groups, *, num_rows: int, length: int, scale: bool, drop_truncate
 
 
 def _place(batch: update.Batch, mesh) -> update.Batch:
+    """The global batch, built identically on every process, sharded over the batch axes; each
+    process fills only the rows of its own devices (one process: a plain `device_put`)."""
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(update.BATCH_AXES))
+    return jax.tree.map(lambda x: _from_host(x, spec), batch)
+
+
+def _from_host(x, spec: jax.sharding.NamedSharding) -> jax.Array:
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+
+
+def _on_mesh(tree, mesh):
+    """Leaves not yet on `mesh` (host values, single-device arrays) replicated over it.
+
+    Every process holds the same value of such a leaf (the RNG key, the optimizer's step count,
+    the host-replicated queue), so each can fill its devices' copies; as global arrays they can
+    be checkpointed and passed to programs on the mesh from every process alike.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+        if isinstance(x, jax.Array) and getattr(x.sharding, "mesh", None) == mesh:
+            return x
+        return _from_host(x, replicated)
+
+    return jax.tree.map(put, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host: every process rolls out its share of the step's questions on its own devices, then
+# all processes exchange the scored groups, so the queue, the statistics and the batch are the
+# same everywhere and the update is the single-process one.
+# ---------------------------------------------------------------------------------------------
+
+
+def _allgather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj`, in process order.
+
+    Scored groups are ragged host records (token arrays, turns, judge verdicts), so they travel
+    pickled, as byte arrays padded to a power of two (few distinct shapes, few compiles). The
+    bytes come only from this job's own processes.
+    """
     if jax.process_count() == 1:
-        return jax.tree.map(lambda x: jax.device_put(x, spec), batch)
-    # Every process built its own rows; together they form the global batch.
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), batch)
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+    width = max(4096, 1 << int(sizes.max() - 1).bit_length())
+    padded = np.zeros(width, np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, width]
+    return [pickle.loads(rows[p, : sizes[p]].tobytes()) for p in range(jax.process_count())]
+
+
+def _merge_stats(all_stats: list[rollout.RolloutStats]) -> rollout.RolloutStats:
+    """One step's rollout statistics over all processes: counts add up; hosts run side by side,
+    so wall-clock spans are the slowest host's (the sandbox time is a sum over runs already)."""
+    merged = {}
+    for f in dataclasses.fields(rollout.RolloutStats):
+        values = [getattr(s, f.name) for s in all_stats]
+        if f.name == "statuses":
+            total: dict[str, int] = {}
+            for v in values:
+                for k, n in v.items():
+                    total[k] = total.get(k, 0) + n
+            merged[f.name] = total
+        elif f.name in ("wall_s", "engine_s", "engine_idle_s"):
+            merged[f.name] = max(values)
+        else:
+            merged[f.name] = sum(values)
+    return rollout.RolloutStats(**merged)
+
+
+class _EngineParams:
+    """The trainer's params, copied onto this process's devices for its own engine.
+
+    The engine runs on a mesh of this process's devices shaped like the training mesh (its
+    'tensor' and 'fsdp' sizes where they fit, the rest 'data'). One program reshards the params
+    onto a mesh with a copy of that local mesh per process; each process then takes its own
+    shards, which form the params on its local mesh. With one process the engine shares the
+    training mesh and the params as they are.
+    """
+
+    def __init__(self, params, mesh):
+        self.num_processes = jax.process_count()
+        if self.num_processes == 1:
+            return
+        n = jax.local_device_count()
+        tensor = math.gcd(mesh.shape["tensor"], n)
+        fsdp = math.gcd(mesh.shape["fsdp"], n // tensor)
+        shape = (n // (tensor * fsdp), fsdp, tensor)
+        per_process = [
+            sorted((d for d in mesh.devices.flat if d.process_index == p), key=lambda d: d.id)
+            for p in range(self.num_processes)
+        ]
+        grid = np.array(per_process, dtype=object).reshape((self.num_processes, *shape))
+        auto = jax.sharding.AxisType.Auto
+        replicas = jax.sharding.Mesh(grid, ("replica", *sharding.MESH_AXES), axis_types=(auto,) * 4)
+        self.local_mesh = jax.sharding.Mesh(
+            grid[jax.process_index()], sharding.MESH_AXES, axis_types=(auto,) * 3
+        )
+        self._local = sharding.param_shardings(params, self.local_mesh)
+        self._replicas = jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(replicas, s.spec), self._local
+        )
+        self._reshard = jax.jit(lambda p: p, out_shardings=self._replicas)
+
+    def __call__(self, params):
+        if self.num_processes == 1:
+            return params
+        spread = self._reshard(params)
+
+        def local(x, spec):
+            shards = [s.data for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(x.shape, spec, shards)
+
+        return jax.tree.map(local, spread, self._local)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,18 +442,20 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         )
 
     # ----------------------------------------------------------------------------------------
-    # Data: this process's share of the training questions, and the eval examples.
+    # Data: every process reads every training question and chooses the step's questions the
+    # same way (one seeded order, one queue); each then rolls out its own slice of them.
     # ----------------------------------------------------------------------------------------
+    # Processes sharing a data_dir must not prepare a dataset at once: process 0 prepares it
+    # (when needed) before the others read it.
+    if not is_main:
+        _sync("data_prepared")
     train_examples = build.examples(config, config.data.train_split)
     eval_examples = build.examples(config, config.data.eval_split, for_eval=True)
+    if is_main:
+        _sync("data_prepared")
     if config.data.num_eval > 0:
         eval_examples = eval_examples[: config.data.num_eval]
-    data_iter = pipeline.ExampleIterator(
-        train_examples,
-        seed=config.seed,
-        shard_index=jax.process_index(),
-        num_shards=jax.process_count(),
-    )
+    data_iter = pipeline.ExampleIterator(train_examples, seed=config.seed)
     index_of = {e.task_id: i for i, e in enumerate(train_examples)}
     tools = build.tools(config)
 
@@ -359,8 +477,12 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         model = sharding.shard_model(model, mesh)
     graphdef, params = nnx.split(model)
     optimizer = build.optimizer(config, config.total_steps)
-    opt_state = optimizer.init(params)
+    opt_state = _on_mesh(optimizer.init(params), mesh)
     ref_params = jax.tree.map(jnp.copy, params) if g.beta > 0 else None
+    # One process keeps the queue sharded over the mesh; several keep a full copy each (the
+    # queue reads its rows back on the host), updated identically from the gathered groups.
+    # The same capacity either way, so checkpoints move between the two.
+    data_size = mesh.shape["data"]
     queue = buffer.SampleQueue(
         num_questions=len(train_examples),
         per_question=config.queue.per_question,
@@ -368,8 +490,9 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         threshold=config.queue.threshold,
         max_replay=config.queue.max_replay if config.queue.enabled else 0,
         max_staleness=config.queue.max_staleness,
+        capacity=-(-len(train_examples) * config.queue.per_question // data_size) * data_size,
         seed=config.seed,
-        mesh=mesh,
+        mesh=mesh if jax.process_count() == 1 else None,
     )
     rng = jax.random.key(config.seed)
     step, counters = 0, {"fresh_episodes": 0, "replayed_episodes": 0, "tokens": 0}
@@ -379,11 +502,12 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     )
 
     def ckpt_state():
+        # Global arrays only: every process saves and restores its devices' part.
         return {
             "params": params,
             "opt_state": opt_state,
-            "queue": queue.state,
-            "rng": jax.random.key_data(rng),
+            "queue": _on_mesh(queue.state, mesh),
+            "rng": _on_mesh(jax.random.key_data(rng), mesh),
         }
 
     def meta_state():
@@ -402,8 +526,8 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     if restored is not None:
         step, state, meta = restored
         params, opt_state = state["params"], state["opt_state"]
-        queue.state = state["queue"]
-        rng = jax.random.wrap_key_data(state["rng"])
+        queue.state = state["queue"] if jax.process_count() == 1 else jax.device_get(state["queue"])
+        rng = jax.random.wrap_key_data(jax.device_get(state["rng"]))
         queue.load_host_state(meta["queue"])
         data_iter.set_state(meta["data"])
         counters = meta["counters"]
@@ -421,8 +545,9 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
             config.total_steps,
         )
 
+    engine_params = _EngineParams(params, mesh)
     engine = engine_lib.Engine(
-        nnx.merge(graphdef, params),
+        nnx.merge(graphdef, engine_params(params)),
         num_slots=config.engine.num_slots,
         max_len=config.engine.max_len,
     )
@@ -444,7 +569,8 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     judge = build.judge(config)
     eval_judge = build.judge(config, for_eval=True)
     reward_config = build.reward_config(config)
-    num_rows = num_local_questions * g.group_size
+    num_rows = g.questions_per_step * g.group_size
+    first_local = jax.process_index() * num_local_questions
 
     # ----------------------------------------------------------------------------------------
     # The loop.
@@ -524,8 +650,8 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 mesh=mesh,
                 num_microbatches=config.optim.num_microbatches,
             )
-            engine.set_params(params)
-            opt_state = optimizer.init(params)
+            engine.set_params(engine_params(params))
+            opt_state = _on_mesh(optimizer.init(params), mesh)
             writer.write(
                 0,
                 {
@@ -554,16 +680,18 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
 
             # Questions: with the queue, untried ones come from the data iterator in shuffled
             # order and tried ones are re-selected by learnability p(1 - p); without it, plain
-            # passes over the data.
+            # passes over the data. Every process chooses the same questions and plans; this
+            # one rolls out its slice. Group ids are positions in the step, so an episode's seed
+            # (from its group id) does not depend on which process runs it.
             if config.queue.enabled:
                 untried = (index_of[e.task_id] for e in data_iter)
-                chosen = queue.select_questions(num_local_questions, untried=untried)
+                chosen = queue.select_questions(g.questions_per_step, untried=untried)
             else:
-                chosen = [index_of[next(data_iter).task_id] for _ in range(num_local_questions)]
+                chosen = [index_of[next(data_iter).task_id] for _ in range(g.questions_per_step)]
             plans = [queue.plan(i, g.group_size, policy_version) for i in chosen]
             requests = [
-                rollout.GroupRequest(train_examples[i], plan.num_fresh, gid)
-                for gid, (i, plan) in enumerate(zip(chosen, plans, strict=True))
+                rollout.GroupRequest(train_examples[chosen[gid]], plans[gid].num_fresh, gid)
+                for gid in range(first_local, first_local + num_local_questions)
             ]
 
             # Rollout; each group is judged as soon as all its episodes have ended.
@@ -594,6 +722,12 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 policy_version=policy_version,
                 on_group=on_group,
             )
+
+            # Every process's scored groups and statistics, so that all update the same queue.
+            gathered = _allgather_objects((scored, stats, t_judge))
+            scored = {gid: result for part in gathered for gid, result in part[0].items()}
+            stats = _merge_stats([part[1] for part in gathered])
+            t_judge = max(part[2] for part in gathered)
 
             # Queue: record outcomes, cache good trajectories, restore signal in flat groups.
             groups, num_dropped, num_flat = [], 0, 0
@@ -632,7 +766,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 batch = _place(batch, mesh)
             for _ in range(g.updates_per_batch):
                 params, opt_state, update_metrics = train_step(params, opt_state, batch, ref_params)
-            engine.set_params(params)
+            engine.set_params(engine_params(params))
             update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
             t_update = time.perf_counter() - t_update
             step += 1
@@ -695,9 +829,11 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # ----------------------------------------------------------------------------------------
     # Export: a Hugging Face directory (weights, config, tokenizer) transformers loads as is.
     # ----------------------------------------------------------------------------------------
-    if config.ckpt.export_hf and is_main:
+    if config.ckpt.export_hf:
+        # Every process takes part (sharded params are gathered collectively); process 0 writes.
         export_dir = workdir / "export"
         params_lib.save_pretrained(nnx.merge(graphdef, params), model_config, str(export_dir))
+    if config.ckpt.export_hf and is_main:
         tokenizer.hf.save_pretrained(str(export_dir))
         log.info("Exported the policy to %s.", export_dir)
     if is_main:

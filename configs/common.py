@@ -111,7 +111,7 @@ COMPACT_SYSTEM_PROMPT = """\
 Solve the task with Python. Each step: one line "Thought: ...", then code between <code> and \
 </code>. What the code prints comes back after "Observation:". Variables persist between steps. \
 Files are in the working directory. Tools:
-{tools}
+{tool_signatures}
 Imports: {authorized_imports}. When you know the answer, call final_answer(answer).
 """
 

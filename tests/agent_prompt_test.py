@@ -35,8 +35,14 @@ def test_prompt_template_is_a_config_value():
     text = prompt.render_system_prompt(template, [word_count], ["*"])
     # Unknown braces stay as written; only the known slots are filled.
     assert text.endswith("Imports: any module\nUse {x: 1} freely.")
-    with pytest.raises(ValueError, match=r"no \{tools\} slot"):
+    with pytest.raises(ValueError, match=r"no \{tools\} or \{tool_signatures\} slot"):
         prompt.render_system_prompt("Be helpful.", [], ["math"])
+
+
+def test_short_prompts_list_tool_signatures_only():
+    text = prompt.render_system_prompt("Tools:\n{tool_signatures}\nGo.", [word_count], ["math"])
+    assert text == (f"Tools:\n{word_count.signature}\n{registry.final_answer.signature}\nGo.")
+    assert word_count.doc.strip().splitlines()[0] not in text
 
 
 def test_tools_must_be_unique_and_final_answer_is_builtin():

@@ -1,9 +1,10 @@
 """Every text the policy reads: the code-agent system prompt, the task message and observations.
 
 The system prompt and the task message are templates (`AgentConfig` holds them), so a research
-variant of the prompt is a config change. Templates name their slots `{tools}`,
-`{authorized_imports}` and `{question}`, `{files}`; other braces (f-strings, dicts in examples) are
-left alone, so the template text needs no escaping.
+variant of the prompt is a config change. Templates name their slots `{tools}` (each tool's stub
+with its docstring) or `{tool_signatures}` (one signature per line, for short prompts),
+`{authorized_imports}`, and `{question}`, `{files}`; other braces (f-strings, dicts in examples)
+are left alone, so the template text needs no escaping.
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ OBSERVATION_PREFIX = "Observation:\n"
 
 
 def _fill(template: str, values: Mapping[str, str], what: str, required: Sequence[str]) -> str:
+    """Fills the template's `{slot}`s; each entry of `required` is a slot name, or a tuple of
+    names of which the template must hold at least one."""
     if not isinstance(template, str):
         raise TypeError(f"the {what} template must be a str, got {type(template).__name__}")
-    missing = [name for name in required if "{" + name + "}" not in template]
-    if missing:
-        raise ValueError(
-            f"the {what} template has no {', '.join('{' + m + '}' for m in missing)} slot; "
-            f"its slots are {', '.join('{' + s + '}' for s in values)}"
-        )
+    for need in required:
+        names = (need,) if isinstance(need, str) else need
+        if not any("{" + name + "}" in template for name in names):
+            raise ValueError(
+                f"the {what} template has no {' or '.join('{' + n + '}' for n in names)} slot; "
+                f"its slots are {', '.join('{' + s + '}' for s in values)}"
+            )
     # One pass over the known slots only: a value that itself contains "{question}" (say, a
     # tool's docstring) is not substituted again.
     pattern = re.compile("|".join(re.escape("{" + name + "}") for name in values))
@@ -89,8 +93,12 @@ def render_system_prompt(
     imports = ", ".join(sorted(authorized_imports)) if authorized_imports else "(none)"
     if "*" in authorized_imports:
         imports = "any module"
-    values = {"tools": registry.render_tools(tools), "authorized_imports": imports}
-    return _fill(template, values, "system prompt", required=("tools",))
+    values = {
+        "tools": registry.render_tools(tools),
+        "tool_signatures": "\n".join(t.signature for t in tools),
+        "authorized_imports": imports,
+    }
+    return _fill(template, values, "system prompt", required=(("tools", "tool_signatures"),))
 
 
 def render_task(template: str, question: str, file_names: Iterable[str] = ()) -> str:

@@ -177,6 +177,19 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
     return jnp.where(is_medium, smoothed, scaled)
 
 
+def _dense(x, w, num_in: int = 1):
+    """Contracts the last `num_in` dims of x with the first `num_in` dims of w, as a 2-D matmul.
+
+    Flattening [B, T] first matters on XLA:CPU: the weight gradient of a 3-D einsum contracts
+    over two token dims, and XLA lowered it with a transposed, unvectorised elementwise fusion
+    that cost more than the matmul; the 2-D form gets a plain transpose. Same values either way.
+    """
+    lead = x.shape[: x.ndim - num_in]
+    k = math.prod(w.shape[:num_in])
+    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *w.shape[num_in:])
+
+
 def apply_rope(x, positions, inv_freq):
     """Rotary embedding in the half-split convention. x: [B, T, n, H]; positions: [B, T]."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
@@ -211,9 +224,9 @@ class Attention(nnx.Module):
         with the new tokens (one softmax over both), read but never written here.
         """
         cfg = self.config
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq_dnh[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk_dkh[...])
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv_dkh[...])
+        q = _dense(x, self.wq_dnh[...])  # [B, T, N, H]
+        k = _dense(x, self.wk_dkh[...])  # [B, T, K, H]
+        v = _dense(x, self.wv_dkh[...])
         if cfg.qkv_bias:
             q, k, v = q + self.bq_nh[...], k + self.bk_kh[...], v + self.bv_kh[...]
         if cfg.qk_norm:
@@ -247,7 +260,7 @@ class Attention(nnx.Module):
             out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], past_v)
             out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., s:], v)
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo_nhd[...]), k, v
+        return _dense(out, self.wo_nhd[...], num_in=2), k, v
 
 
 class MLP(nnx.Module):
@@ -258,9 +271,9 @@ class MLP(nnx.Module):
         self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), dtype)
 
     def __call__(self, x):
-        gate = jnp.einsum("btd,df->btf", x, self.w_gate_df[...])
-        up = jnp.einsum("btd,df->btf", x, self.w_up_df[...])
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_fd[...])
+        gate = _dense(x, self.w_gate_df[...])
+        up = _dense(x, self.w_up_df[...])
+        return _dense(jax.nn.silu(gate) * up, self.w_down_fd[...])
 
 
 class Block(nnx.Module):
@@ -310,7 +323,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden):
         """LM head: hidden [..., D] -> logits [..., V]. Split out so losses can chunk over T."""
         w = self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
-        return jnp.einsum("...d,dv->...v", hidden, w)
+        return _dense(hidden, w)
 
     def hidden_states(self, tokens, positions, cache: KVCache | None = None, attn_mask=None):
         """Final-normed hidden states [B, T, D] and the updated cache."""

@@ -3,10 +3,11 @@ loopback, train the same two steps as one process with 8 devices.
 
 All three runs start from one short SFT run's checkpoint (a random tiny policy never produces a
 parseable turn, so every reward would be 0 and no parameter would move). The queue caches every
-trajectory (threshold 0), so its arrays hold the step's rollouts: tokens, masks and behaviour
-log-probs must be bitwise equal, and so must every reward and rollout statistic. The parameters
-may differ only by float32 rounding of the gradient all-reduce, whose summation order differs
-between one process and two (gloo).
+trajectory (threshold 0), so its arrays hold the step's rollouts: tokens and masks must be
+bitwise equal, and so must every reward and rollout statistic; behaviour log-probs come from
+engines with another batch layout and agree to float32 rounding. The parameters may differ only
+by float32 rounding of the gradient all-reduce, whose summation order differs between one process
+and two (gloo).
 """
 
 import json
@@ -26,9 +27,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Wall-clock and compile counts differ between runs; update/* are float reductions over devices.
 _NOT_EXACT = ("time/", "throughput/", "compiles", "update/")
-# The parameters after 2 steps: float32 gradient sums added in another order change the Adam
-# update by a relative ~1e-6 of its size (<= lr = 1e-4) and the rounded params by a few ulps.
-_RTOL, _ATOL = 1e-6, 1e-9
+# The parameters after 2 steps: the gradient differs by float32 rounding (all-reduce order,
+# behaviour log-probs in the importance weights), which moves each Adam step (at most lr = 1e-4)
+# by a relative ~1e-5 at most; rounding the params adds a few ulps. So: 1e-4 of the two steps'
+# budget 2 * lr absolute, 8 float32 ulps relative.
+_RTOL, _ATOL = 1e-6, 2e-8
 
 _COMMON = (
     "--config.log.progress_bar=false",
@@ -113,6 +116,15 @@ def _metrics(workdir):
     return rows
 
 
+def _without_durations(tree):
+    """A JSON tree without the wall-clock times of code runs (they differ between any runs)."""
+    if isinstance(tree, dict):
+        return {k: _without_durations(v) for k, v in tree.items() if k != "duration_s"}
+    if isinstance(tree, list):
+        return [_without_durations(v) for v in tree]
+    return tree
+
+
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A checkpoint after cold-start SFT (step 0) and its tokenizer; the run is stopped there."""
@@ -190,13 +202,23 @@ def test_two_processes_match_one(start):
     for step in (1, 2):
         sa, sb = _state(single, step), _state(multi, step)
         assert (sa["queue"]["question"] >= 0).sum() > 0
-        jax.tree.map(np.testing.assert_array_equal, sa["queue"], sb["queue"])
+        for key, value in sa["queue"].items():
+            if key == "behaviour_logprobs":
+                # Each engine runs the episode on its own devices with a different number of
+                # slots per device (2 vs 4), and XLA's CPU kernels round float32 logits
+                # differently for other batch shapes: log-probs agree to a few ulps of the
+                # logits' scale (~10), the sampled tokens exactly.
+                np.testing.assert_allclose(sb["queue"][key], value, rtol=1e-5, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(sb["queue"][key], value, err_msg=key)
         np.testing.assert_array_equal(sa["rng"], sb["rng"])
         meta = [
-            json.loads((w / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+            _without_durations(
+                json.loads((w / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+            )
             for w in (single, multi)
         ]
-        assert meta[0] == meta[1]
+        assert meta[0] == meta[1]  # question statistics, cached turns, data position, counters
 
     # The parameters: equal up to float32 rounding, and training moved them far more than that.
     pa, pb = jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])

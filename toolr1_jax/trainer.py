@@ -105,6 +105,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("questions_per_step", "group_size", "updates_per_batch"):
         if getattr(g, key) < 1:
             raise build.ConfigError(f"grpo.{key} must be >= 1, got {getattr(g, key)}.")
+    if g.questions_per_step % jax.process_count():
+        raise build.ConfigError(
+            f"grpo.questions_per_step={g.questions_per_step} must be a multiple of the number "
+            f"of processes ({jax.process_count()}): each rolls out an equal share."
+        )
     batch = g.questions_per_step * g.group_size
     if batch % config.optim.num_microbatches:
         raise build.ConfigError(
@@ -435,11 +440,6 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     writer = _Writer(workdir, is_main)
     g = config.grpo
     num_local_questions = g.questions_per_step // jax.process_count()
-    if num_local_questions * jax.process_count() != g.questions_per_step:
-        raise build.ConfigError(
-            f"grpo.questions_per_step={g.questions_per_step} must divide among "
-            f"{jax.process_count()} processes."
-        )
 
     # ----------------------------------------------------------------------------------------
     # Data: every process reads every training question and chooses the step's questions the

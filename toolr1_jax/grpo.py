@@ -7,6 +7,7 @@ Alignment used everywhere here: per-token arrays are indexed by token position, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -46,13 +47,60 @@ def _check_temperature(temperature):
         raise ValueError(f"temperature must be positive, got {temperature}.")
 
 
+def _chunk_stats(head_fn: Callable, with_entropy: bool, w, xc, tc, temperature):
+    """(log-probs, entropies, log-normalisers) [B, C] of one chunk; see `_next_token_stats`."""
+    logits = head_fn(w, xc).astype(jnp.float32) / temperature  # [B, C, V]
+    # One exp pass serves both the normaliser and the entropy.
+    top = logits.max(axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = e.sum(axis=-1)
+    logz = top[..., 0] + jnp.log(total)
+    # A one-hot select rather than a gather: it stays local when V is sharded over 'tensor'.
+    hit = jnp.arange(logits.shape[-1]) == tc[..., None]
+    lp = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - logz
+    if not with_entropy:
+        return lp, jnp.zeros_like(lp), logz
+    return lp, logz - jnp.sum(e * logits, axis=-1) / total, logz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunk_logprobs(head_fn: Callable, with_entropy: bool, w, xc, tc, temperature):
+    lp, ent, _ = _chunk_stats(head_fn, with_entropy, w, xc, tc, temperature)
+    return lp, ent
+
+
+def _chunk_logprobs_fwd(head_fn, with_entropy, w, xc, tc, temperature):
+    lp, ent, logz = _chunk_stats(head_fn, with_entropy, w, xc, tc, temperature)
+    # Only the inputs and the log-normaliser are kept: the backward recomputes the logits (one
+    # matmul) instead of holding [B, C, V] floats per chunk until the backward pass.
+    return (lp, ent), (w, xc, tc, temperature, logz)
+
+
+def _chunk_logprobs_bwd(head_fn, with_entropy, res, cts):
+    w, xc, tc, temperature, logz = res
+    g = cts[0]  # The entropy is a metric: its cotangent is dropped (stop-gradient).
+    logits, head_vjp = jax.vjp(head_fn, w, xc)
+    # d log p(target) / d z = onehot(target) - softmax(z), with z = logits / temperature.
+    p = jnp.exp(logits.astype(jnp.float32) / temperature - logz[..., None])
+    hit = jnp.arange(logits.shape[-1]) == tc[..., None]
+    dz = (jnp.where(hit, 1.0, 0.0) - p) * (g / temperature)[..., None]
+    dw, dx = head_vjp(dz.astype(logits.dtype))
+    # The temperature is the sampler's, a constant here: no gradient flows to it.
+    return dw, dx, None, jnp.zeros_like(temperature)
+
+
+_chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
+
+
 def _next_token_stats(
-    head_fn: Callable, x, tokens, temperature, chunk_size: int, with_entropy: bool
+    head_fn: Callable, w, x, tokens, temperature, chunk_size: int, with_entropy: bool
 ):
     """Log-probs (and entropies) of `tokens` at their own positions from inputs x [B, T, ...].
 
-    `head_fn(x_chunk) -> logits [B, C, V]` runs on one chunk of C positions at a time under
-    `jax.checkpoint`, so neither the forward nor the backward pass holds [B, T, V] whole.
+    `head_fn(w, x_chunk) -> logits [B, C, V]` runs on one chunk of C positions at a time, and
+    the hand-written backward recomputes each chunk's logits, so neither pass holds [B, T, V]
+    whole. The fused gradient (onehot - softmax) also skips the elementwise passes that
+    autodiff of max/exp/log/select would add on [B, C, V].
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
@@ -69,24 +117,11 @@ def _next_token_stats(
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     xs = x.reshape(b, n, c, *x.shape[2:]).swapaxes(0, 1)  # [n, B, C, ...]
     ts = targets.reshape(b, n, c).swapaxes(0, 1)  # [n, B, C]
+    temperature = jnp.asarray(temperature, jnp.float32)
 
-    @jax.checkpoint
     def chunk(args):
         xc, tc = args
-        logits = head_fn(xc).astype(jnp.float32) / temperature  # [B, C, V]
-        # One exp pass serves both the normaliser and the entropy.
-        top = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-        e = jnp.exp(logits - top)
-        total = e.sum(axis=-1)
-        logz = top[..., 0] + jnp.log(total)
-        # A one-hot select rather than a gather: its gradient is elementwise (no scatter), and it
-        # stays local when V is sharded over 'tensor'.
-        hit = jnp.arange(logits.shape[-1]) == tc[..., None]
-        lp = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - logz
-        if not with_entropy:
-            return lp, jnp.zeros_like(lp)
-        mean_logit = jnp.sum(e * logits, axis=-1) / total
-        return lp, jax.lax.stop_gradient(logz - mean_logit)
+        return _chunk_logprobs(head_fn, with_entropy, w, xc, tc, temperature)
 
     lp, ent = jax.lax.map(chunk, (xs, ts))  # [n, B, C] each
 
@@ -97,13 +132,23 @@ def _next_token_stats(
     return align(lp), align(ent)
 
 
+def _identity_head(_, logits):
+    return logits
+
+
+def _matmul_head(w, hidden):
+    # 2-D, as in the model: XLA:CPU's weight gradient of a 3-D einsum is slow.
+    return (hidden.reshape(-1, hidden.shape[-1]) @ w).reshape(*hidden.shape[:-1], w.shape[-1])
+
+
 def token_logprobs(logits, tokens, temperature, *, chunk_size: int = 256):
     """float32 log-softmax(logits / temperature) at the sampled tokens: [B, T, V], [B, T] -> [B, T].
 
     Output is aligned to token positions (`out[:, t] = log p(tokens[t] | tokens[:t])`, out[:, 0]
     = 0). The float32 softmax is formed `chunk_size` positions at a time.
     """
-    lp, _ = _next_token_stats(lambda c: c, logits, tokens, temperature, chunk_size, False)
+    logits = jnp.asarray(logits)
+    lp, _ = _next_token_stats(_identity_head, (), logits, tokens, temperature, chunk_size, False)
     return lp
 
 
@@ -124,7 +169,9 @@ def sequence_logprobs(
     distribution each token was drawn from.
     """
     hidden, _ = model.hidden_states(tokens, positions, attn_mask=attn_mask)  # [B, T, D]
-    lp, ent = _next_token_stats(model.logits, hidden, tokens, temperature, chunk_size, with_entropy)
+    lp, ent = _next_token_stats(
+        _matmul_head, model.head_weight(), hidden, tokens, temperature, chunk_size, with_entropy
+    )
     return (lp, ent) if with_entropy else lp
 
 

@@ -322,8 +322,12 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden):
         """LM head: hidden [..., D] -> logits [..., V]. Split out so losses can chunk over T."""
-        w = self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
-        return _dense(hidden, w)
+        return _dense(hidden, self.head_weight())
+
+    def head_weight(self):
+        """The LM head as a [D, V] matrix (the transposed embedding when tied), for losses that
+        apply the head themselves."""
+        return self.embed_vd[...].T if self.config.tie_word_embeddings else self.lm_head_dv[...]
 
     def hidden_states(self, tokens, positions, cache: KVCache | None = None, attn_mask=None):
         """Final-normed hidden states [B, T, D] and the updated cache."""

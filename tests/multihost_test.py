@@ -154,7 +154,7 @@ def start(tmp_path_factory):
     return root, data_dir, workdir
 
 
-# Three training processes share the machine (the SFT start is the fixture's, timed apart).
+# An SFT run, then three training processes at once on one machine (fixture setup counts).
 @pytest.mark.timeout(1500)
 def test_two_processes_match_one(start):
     root, data_dir, sft_dir = start

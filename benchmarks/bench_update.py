@@ -12,6 +12,7 @@ Prints tokens/s of each and their ratio, last.
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -49,8 +50,8 @@ def parse_args():
     p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--chunk", type=int, default=128, help="LM-head chunk (positions)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs of each side")
     return p.parse_args()
 
 
@@ -111,13 +112,10 @@ def torch_step_fn(hf, batch, microbatches):
     return step
 
 
-def best_of(repeats, fn):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main():
@@ -185,16 +183,24 @@ def main():
     if not np.isclose(jax_loss, torch_loss, rtol=1e-3, atol=1e-5):
         raise SystemExit("The two implementations disagree on the loss; timings are meaningless.")
 
-    # Interleaved, so that both sides see the same background load on a shared machine.
+    # Interleaved, so that both sides see the same background load on a shared machine; the
+    # median of the per-repeat ratios is robust to a repeat that one side lost to other work.
     jax_times, torch_times = [], []
     for _ in range(args.repeats):
-        jax_times.append(best_of(1, jax_steps))
-        torch_times.append(best_of(1, torch_steps))
-    jax_s, torch_s = min(jax_times) / args.steps, min(torch_times) / args.steps
-    jax_tps, torch_tps = tokens_per_step / jax_s, tokens_per_step / torch_s
-    print(f"jax:   {jax_s * 1e3:8.1f} ms/step  {jax_tps:10.0f} tokens/s")
-    print(f"torch: {torch_s * 1e3:8.1f} ms/step  {torch_tps:10.0f} tokens/s")
-    print(f"speedup (jax / torch tokens/s): {jax_tps / torch_tps:.2f}x")
+        jax_times.append(timed(jax_steps) / args.steps)
+        torch_times.append(timed(torch_steps) / args.steps)
+    ratios = [t / j for j, t in zip(jax_times, torch_times, strict=True)]
+    for name, times in (("jax", jax_times), ("torch", torch_times)):
+        med, best = statistics.median(times), min(times)
+        print(
+            f"{name + ':':6s} median {med * 1e3:8.1f} ms/step {tokens_per_step / med:8.0f} tokens/s"
+            f"   best {best * 1e3:8.1f} ms/step {tokens_per_step / best:8.0f} tokens/s"
+        )
+    print(f"per-repeat speedups: {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(
+        f"speedup (jax / torch tokens/s): median {statistics.median(ratios):.2f}x, "
+        f"best-vs-best {min(torch_times) / min(jax_times):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -55,9 +55,10 @@ def _chunk_stats(head_fn: Callable, with_entropy: bool, w, xc, tc, temperature):
     e = jnp.exp(logits - top)
     total = e.sum(axis=-1)
     logz = top[..., 0] + jnp.log(total)
-    # A one-hot select rather than a gather: it stays local when V is sharded over 'tensor'.
+    # A one-hot product rather than a gather: it stays local when V is sharded over 'tensor'.
+    # (Multiplying rather than selecting: XLA:CPU materialised the select's [B, C, V] zeros.)
     hit = jnp.arange(logits.shape[-1]) == tc[..., None]
-    lp = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1) - logz
+    lp = jnp.sum(logits * hit, axis=-1) - logz
     if not with_entropy:
         return lp, jnp.zeros_like(lp), logz
     return lp, logz - jnp.sum(e * logits, axis=-1) / total, logz
@@ -83,7 +84,7 @@ def _chunk_logprobs_bwd(head_fn, with_entropy, res, cts):
     # d log p(target) / d z = onehot(target) - softmax(z), with z = logits / temperature.
     p = jnp.exp(logits.astype(jnp.float32) / temperature - logz[..., None])
     hit = jnp.arange(logits.shape[-1]) == tc[..., None]
-    dz = (jnp.where(hit, 1.0, 0.0) - p) * (g / temperature)[..., None]
+    dz = (hit - p) * (g / temperature)[..., None]
     dw, dx = head_vjp(dz.astype(logits.dtype))
     # The temperature is the sampler's, a constant here: no gradient flows to it.
     return dw, dx, None, jnp.zeros_like(temperature)

@@ -1,14 +1,22 @@
 """Rollout wall time with slow tools: asynchronous rollout vs the lock-step baseline.
 
-Usage: python benchmarks/bench_rollout.py [--episodes 64] [--turns 4] [--tool_s 0.5] [--slots 16]
+Usage: python benchmarks/bench_rollout.py [--episodes 64] [--turns 4] [--tool_s 0.5]
+           [--slots 64] [--decode_rows 16] [--tool_spread 1.0] [--repeats 3]
 
-Every episode makes `turns` tool calls that sleep `tool_s` (a stand-in for web latency), through
-the real engine (a tiny model forced to a scripted conversation) and the real sandbox. Rows:
-  pure decode   the asynchronous rollout with tools that return at once: the decode-bound time
+Every episode makes `turns` tool calls that sleep (a stand-in for web latency), through the real
+engine (a tiny model forced to a scripted conversation) and the real sandbox. One engine runs
+every row: `slots` sequences fit its cache, `decode_rows` of them decode at once. Rows:
+  pure decode   the asynchronous rollout with tools that return at once: decode-bound time D
   lock-step     every turn waits until all live episodes' tools are done
-  async         asynchronous (the default): a slot sits out decode chunks while its tool runs
-  async+handover  asynchronous; a slot whose tool outlasts a chunk goes to a queued episode
-Overlap efficiency = ideal / measured, ideal = max(pure decode, longest single episode's tool time).
+  async         asynchronous (the default): an episode waiting on its tool keeps its cache slot
+                but takes no decode row, so the others decode meanwhile
+  async+handover  (only with fewer slots than episodes) a slot whose tool outlasts a decode
+                chunk goes to a queued episode, which re-prefills on return
+Each latency setting runs lock-step and async back to back on the same episodes, `repeats`
+times; medians are printed. Tools sleep `tool_s` on every call, then (with --tool_spread > 0)
+a heavy-tailed lognormal latency of mean `tool_s` drawn once per (episode, turn), the same for
+every row. Overlap efficiency = ideal / measured, ideal = max(D, longest single episode's tool
+time).
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import pathlib
+import statistics
 import sys
 import tempfile
 
@@ -35,6 +45,10 @@ from toolr1_jax.models import model as model_lib  # noqa: E402
 from toolr1_jax.models import tokenizer as tokenizer_lib  # noqa: E402
 from toolr1_jax.sandbox import pool as pool_lib  # noqa: E402
 from toolr1_jax.tools import registry  # noqa: E402
+
+# Each episode's sandbox holds this attachment with the episode's id; its queries carry the id, so
+# the tool knows whose call it serves while the conversation's tokens stay the same for all.
+_ID_FILE = "id"
 
 
 class ScriptedModel(nnx.Module):
@@ -58,35 +72,47 @@ class ScriptedModel(nnx.Module):
 
 @dataclasses.dataclass
 class _Latency:
-    seconds: float = 0.0
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # query -> sleep
 
 
 def _web_tool(latency: _Latency):
     async def web(query: str) -> str:
         """Looks `query` up on the web and returns the page text."""
-        await asyncio.sleep(latency.seconds)
-        return f"page {query}"
+        await asyncio.sleep(latency.seconds.get(query, 0.0))
+        return "page text"
 
     return registry.make_tool(web, host=True)
 
 
 def _turns(num_turns: int) -> list[str]:
+    # The first turn reads the episode's id; later turns reuse the variable.
     turns = [
-        f"Thought: look up part {k}.\n<code>\nr{k} = web('{k}')\nprint(r{k})\n</code>"
-        for k in range(num_turns - 1)
+        f"Thought: look up part {k}.\n<code>\nr{k} = web(me + '{k}')\nprint(r{k})\n</code>"
+        for k in range(num_turns)
     ]
-    turns.append("Thought: answer.\n<code>\nfinal_answer(web('end'))\n</code>")
+    turns[0] = turns[0].replace("<code>\n", f"<code>\nme = open('{_ID_FILE}').read()\n")
+    turns[-1] = f"Thought: answer.\n<code>\nfinal_answer(web(me + '{num_turns - 1}'))\n</code>"
     return turns
 
 
-async def _script(pool, tokenizer, config, example, turns) -> list[int]:
+def _latencies(args, spread: float) -> dict[str, float]:
+    """Sleep per query (episode id, then turn): tool_s, or lognormal draws of mean tool_s."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((args.episodes, args.turns))
+    seconds = args.tool_s * np.exp(spread * z - spread**2 / 2)
+    return {
+        f"{i}-{k}": float(seconds[i, k]) for i in range(args.episodes) for k in range(args.turns)
+    }
+
+
+async def _script(pool, tokenizer, config, turns) -> list[int]:
     """The conversation's ids, with observations from running the turns in a real session."""
     system = prompt.render_system_prompt(
         config.system_prompt_template, pool.tools, pool.authorized_imports
     )
-    messages = prompt.build_messages(system, prompt.render_task(config.task_template, "Q?"))
-    del example
-    session = await pool.open()
+    task = prompt.render_task(config.task_template, "Q?", [_ID_FILE])
+    messages = prompt.build_messages(system, task)
+    session = await pool.open(files={_ID_FILE: b"-"})
     try:
         for i, text in enumerate(turns):
             messages.append({"role": "assistant", "content": text})
@@ -100,6 +126,7 @@ async def _script(pool, tokenizer, config, example, turns) -> list[int]:
 
 
 async def main(args) -> None:
+    load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="bench_rollout_")
     tokenizer = tokenizer_lib.load_tokenizer(helpers.make_chatml_tokenizer_dir(tmp))
     latency = _Latency()
@@ -111,7 +138,10 @@ async def main(args) -> None:
         observation_max_chars=500,
         decode_chunk_steps=args.chunk,
     )
-    example = types.Example("bench", "Q?", "x", 1)
+    examples = [
+        types.Example(f"bench{i}", "Q?", "x", 1, files={_ID_FILE: f"{i}-".encode()})
+        for i in range(args.episodes)
+    ]
     turns = _turns(args.turns)
     model_config = model_lib.ModelConfig(
         model_type="qwen2",
@@ -127,25 +157,29 @@ async def main(args) -> None:
     async with pool_lib.SandboxPool(
         args.episodes, 30.0, 512, preload=(), tools=[_web_tool(latency)]
     ) as pool:
-        script = await _script(pool, tokenizer, config, example, turns)
+        script = await _script(pool, tokenizer, config, turns)
         if len(script) > args.max_len:
             raise SystemExit(f"the scripted episode has {len(script)} tokens > --max_len")
         inner = model_lib.Transformer(model_config, rngs=nnx.Rngs(0))
         padded = np.zeros((args.max_len + 1,), np.int32)
         padded[: len(script)] = script
         engine = engine_lib.Engine(
-            ScriptedModel(inner, padded), num_slots=args.slots, max_len=args.max_len
+            ScriptedModel(inner, padded),
+            num_slots=args.slots,
+            max_len=args.max_len,
+            decode_rows=args.decode_rows,
+            prefill_chunk=args.prefill_chunk,
         )
+        engine.warmup()
         sampling = engine_lib.SamplingParams(max_new_tokens=1)
 
-        async def timed(tool_s, **overrides):
-            latency.seconds = tool_s
+        async def timed(seconds, **overrides):
+            latency.seconds = seconds
             compiles = engine.num_compilations
             groups = []
             cfg = dataclasses.replace(config, **overrides)
-            requests = [(example, 1, i) for i in range(args.episodes)]
             stats = await rollout.rollout(
-                requests,
+                [(ex, 1, i) for i, ex in enumerate(examples)],
                 engine=engine,
                 tokenizer=tokenizer,
                 pool=pool,
@@ -158,50 +192,62 @@ async def main(args) -> None:
             assert len(trajs) == args.episodes
             assert all(t.status == "answered" and len(t.turns) == args.turns for t in trajs)
             assert all(t.tokens.tolist() == script[: len(t.tokens)] for t in trajs)
-            print(
-                f"  {overrides}: {stats.wall_s:.2f} s, {stats.num_engine_calls} engine calls, "
-                f"{engine.num_compilations - compiles} compilations",
-                flush=True,
-            )
+            assert engine.num_compilations == compiles
+            print(f"  {overrides}: {stats.wall_s:.2f} s, {stats.num_engine_calls} engine calls")
             return stats
 
-        # Warm-up: compile every prefill bucket and the decode program in both modes.
-        for release in (False, True):
-            await timed(0.0, release_slots_during_tools=release)
-        rows = []
-        for name, tool_s, overrides in (
-            ("pure decode", 0.0, dict(release_slots_during_tools=False)),
-            ("lock-step", args.tool_s, dict(lockstep=True)),
-            ("async", args.tool_s, dict(release_slots_during_tools=False)),
-            ("async+handover", args.tool_s, dict(release_slots_during_tools=True)),
-        ):
-            best = None
+        modes = {
+            "lock-step": dict(lockstep=True),
+            "async": dict(release_slots_during_tools=False),
+        }
+        if args.slots < args.episodes:
+            modes["async+handover"] = dict(release_slots_during_tools=True)
+        await timed({})  # warm caches and the sandbox
+        runs = {"pure decode": [await timed({}) for _ in range(args.repeats)]}
+        settings = {f"tools {args.tool_s} s": _latencies(args, 0.0)}
+        if args.tool_spread > 0:
+            settings[f"lognormal mean {args.tool_s} s, sigma {args.tool_spread}"] = _latencies(
+                args, args.tool_spread
+            )
+        for setting, seconds in settings.items():
             for _ in range(args.repeats):
-                stats = await timed(tool_s, **overrides)
-                if best is None or stats.wall_s < best.wall_s:
-                    best = stats
-            rows.append((name, best))
+                for name, overrides in modes.items():  # back to back on the same latencies
+                    runs.setdefault((setting, name), []).append(await timed(seconds, **overrides))
 
+    def median(key, field="wall_s"):
+        return statistics.median(getattr(s, field) for s in runs[key])
+
+    decode_s = median("pure decode")
     print(
-        f"{args.episodes} episodes x {args.turns} tool turns, tools sleep {args.tool_s} s, "
-        f"{args.slots} engine slots, {len(script)} tokens per episode, best of {args.repeats}; "
-        f"{jax.devices()[0].platform}"
+        f"{args.episodes} episodes x {args.turns} tool turns, {len(script)} tokens per episode; "
+        f"engine: {args.slots} slots, {engine.decode_rows} decode rows, prefill chunk "
+        f"{engine.prefill_chunk}, decode chunk {args.chunk}; medians of {args.repeats}; "
+        f"{jax.devices()[0].platform}; load average {load_before[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
     )
-    print(f"{'rollout':<14} {'wall s':>8} {'engine s':>9} {'idle s':>7} {'reprefill tok':>14}")
-    for name, s in rows:
-        print(
-            f"{name:<14} {s.wall_s:8.2f} {s.engine_s:9.2f} {s.engine_idle_s:7.2f} "
-            f"{s.num_reprefill_tokens:14d}"
-        )
-    walls = {name: s.wall_s for name, s in rows}
-    ideal = max(walls["pure decode"], args.turns * args.tool_s)
-    tools_s = args.turns * args.tool_s
-    print(f"ideal = max(pure decode {walls['pure decode']:.2f} s, tools {tools_s:.2f} s)")
-    for name in ("async", "async+handover"):
-        print(
-            f"{name + ':':<16} {walls['lock-step'] / walls[name]:.2f}x lock-step speed, "
-            f"overlap efficiency {ideal / walls[name]:.0%}"
-        )
+    print(f"{'rollout':<16} {'wall s':>8} {'engine s':>9} {'idle s':>7} {'reprefill tok':>14}")
+    print(f"{'pure decode':<16} {decode_s:8.2f} {median('pure decode', 'engine_s'):9.2f}")
+    for setting, seconds in settings.items():
+        per_episode = [
+            sum(seconds[f"{i}-{k}"] for k in range(args.turns)) for i in range(args.episodes)
+        ]
+        tools_s = max(per_episode)
+        ideal = max(decode_s, tools_s)
+        print(f"{setting}: longest episode's tool time T = {tools_s:.2f} s, ideal {ideal:.2f} s")
+        for name in modes:
+            key = (setting, name)
+            print(
+                f"  {name:<14} {median(key):8.2f} {median(key, 'engine_s'):9.2f} "
+                f"{median(key, 'engine_idle_s'):7.2f} "
+                f"{round(median(key, 'num_reprefill_tokens')):14d}"
+            )
+        for name in modes:
+            if name != "lock-step":
+                wall = median((setting, name))
+                print(
+                    f"  {name + ':':<16} {median((setting, 'lock-step')) / wall:.2f}x lock-step "
+                    f"speed, overlap efficiency {ideal / wall:.0%}"
+                )
 
 
 if __name__ == "__main__":
@@ -209,10 +255,13 @@ if __name__ == "__main__":
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--tool_s", type=float, default=0.5)
-    parser.add_argument("--slots", type=int, default=16)
-    parser.add_argument("--max_len", type=int, default=512)
+    parser.add_argument("--tool_spread", type=float, default=1.0, help="0: fixed latency only")
+    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--decode_rows", type=int, default=16)
+    parser.add_argument("--prefill_chunk", type=int, default=32)
+    parser.add_argument("--max_len", type=int, default=576)
     parser.add_argument("--chunk", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     asyncio.run(main(parser.parse_args()))

@@ -83,6 +83,13 @@ def scripted():
     return model, engine
 
 
+@pytest.fixture(scope="module")
+def scripted_one_row(scripted):
+    """The same model on an engine whose four slots share one decode row."""
+    model, _ = scripted
+    return model, engine_lib.Engine(model, num_slots=NUM_SLOTS, max_len=MAX_LEN, decode_rows=1)
+
+
 def set_script(scripted, ids, scale=1e4):
     model, engine = scripted
     assert len(ids) <= MAX_LEN, f"scripted conversation of {len(ids)} tokens exceeds {MAX_LEN}"
@@ -357,6 +364,8 @@ async def _slow_tool_run(scripted, tokenizer, *, lockstep, safety_s):
         )
     answers = {g.group_id: g.trajectories[0].final_answer for g in groups}
     assert answers == {0: "slow", 1: "fast", 2: "fast", 3: "fast"}
+    for g in groups:
+        check_token_exact(tokenizer, g.trajectories[0], messages)
     return order, log
 
 
@@ -364,6 +373,17 @@ async def test_slow_tool_does_not_delay_other_episodes(scripted, tokenizer):
     order, log = await _slow_tool_run(scripted, tokenizer, lockstep=False, safety_s=60.0)
     # The other three decoded their second turn and finished while group 0's tool was waiting:
     # its wait ended because they completed, not by its safety timeout.
+    assert order[-1] == 0 and sorted(order[:3]) == [1, 2, 3]
+    assert log == ["released"]
+
+
+async def test_an_episode_waiting_on_a_tool_keeps_its_slot_but_no_decode_row(
+    scripted_one_row, tokenizer
+):
+    # Four slots, one decode row: group 0's slot keeps its cache while its tool waits, and the
+    # other three take turns on the one row and finish meanwhile. Then group 0 continues from
+    # its cache (token-exact, checked in the run).
+    order, log = await _slow_tool_run(scripted_one_row, tokenizer, lockstep=False, safety_s=60.0)
     assert order[-1] == 0 and sorted(order[:3]) == [1, 2, 3]
     assert log == ["released"]
 

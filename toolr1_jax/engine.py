@@ -6,9 +6,9 @@ what stopped slots generated (tokens, log-probs, finish reason), appends observa
 slots without re-reading their history, and releases slots. `generate` is a batch call on top.
 
 A program computes at most `decode_rows` slots at once (all of them by default). With fewer rows
-than slots, each decode chunk gathers the state of the rows it runs (the longest-waiting decoding
-slots) and scatters it back, so a slot whose sequence waits (its episode's tool is running) keeps
-its cache without taking a row, and resumes with an append of the observation alone.
+than slots, each decode chunk gathers the state of the rows it runs and scatters it back, so a
+slot whose sequence waits (its episode's tool is running) keeps its cache without taking a row,
+and resumes with an append of the observation alone.
 
 Each slot keeps its newest token *pending*: sampled (or given) but not yet in the cache. Decode
 feeds the pending token and samples the next one; prefill writes a prompt minus its last token,
@@ -224,8 +224,10 @@ class Engine:
 
     `num_slots` is how many sequences the cache holds; `decode_rows` (default: num_slots) is how
     many of them one program computes. Slots beyond the rows cost cache memory only: a stopped
-    slot waiting for its append takes no row, and when more slots decode than there are rows,
-    each chunk runs those that have waited longest since their add/append.
+    slot waiting for its append takes no row. When more slots decode than there are rows, each
+    chunk runs those with the fewest turns (add, then one per append) and, among equals, the
+    earliest armed: a sequence held back by a slow tool catches up first, which shortens the
+    rollout's slowest episode.
     """
 
     def __init__(
@@ -284,7 +286,8 @@ class Engine:
         self._lengths = np.zeros(num_slots, np.int64)  # host mirror of the cache lengths
         self._last_token = np.zeros(num_slots, np.int64)  # host mirror of the pending token
         self._queued: dict[int, _PendingPrefill] = {}
-        # When each slot was last armed (add/append): the longest-waiting decode first.
+        # Row priority: fewest turns first, then the earliest armed (add/append).
+        self._turns = np.zeros(num_slots, np.int64)
         self._armed_at = np.zeros(num_slots, np.int64)
         self._num_armed = 0
 
@@ -353,6 +356,7 @@ class Engine:
             raise RuntimeError(f"add: all {self.num_slots} slots are in use; release one first.")
         slot = free[0]
         self._queued[slot] = _PendingPrefill(slot, tokens[:-1], tokens[-1], True, sampling)
+        self._turns[slot] = 0
         self._arm(slot, sampling)
         return slot
 
@@ -391,7 +395,7 @@ class Engine:
 
     def step(self, max_steps: int) -> list[SlotOutput]:
         """Runs queued prefills, then up to `max_steps` decode steps over up to `decode_rows`
-        decoding slots (the longest-waiting ones).
+        decoding slots (see the class docstring for which).
 
         Returns the slots that stopped in this chunk; they stay live until `release`.
         """
@@ -490,16 +494,15 @@ class Engine:
         self._sampling[slot] = sampling
         self._num_armed += 1
         self._armed_at[slot] = self._num_armed
+        self._turns[slot] += 1
 
     def _rows_to_decode(self, decoding: np.ndarray) -> np.ndarray:
-        """Slot ids [decode_rows] for the next decode chunk, padded with num_slots (no slot).
-
-        A slot keeps its row until it stops: it was armed before any slot still waiting.
-        """
+        """Slot ids [decode_rows] for the next decode chunk, padded with num_slots (no slot)."""
         if self.decode_rows == self.num_slots:
             return np.arange(self.num_slots, dtype=np.int32)
         waiting = np.flatnonzero(decoding)
-        chosen = waiting[np.argsort(self._armed_at[waiting], kind="stable")[: self.decode_rows]]
+        order = np.lexsort((self._armed_at[waiting], self._turns[waiting]))
+        chosen = waiting[order[: self.decode_rows]]
         rows = np.full((self.decode_rows,), self.num_slots, np.int32)
         rows[: len(chosen)] = chosen
         return rows

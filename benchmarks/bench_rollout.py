@@ -1,19 +1,20 @@
 """Rollout wall time with slow tools: asynchronous rollout vs the lock-step baseline.
 
 Usage: python benchmarks/bench_rollout.py [--episodes 64] [--turns 4] [--tool_s 0.5]
-           [--slots 64] [--decode_rows 16] [--tool_spread 1.0] [--repeats 3]
+           [--slots 64] [--decode_rows 16] [--tool_spread 0.5] [--repeats 3]
 
 Every episode makes `turns` tool calls that sleep (a stand-in for web latency), through the real
-engine (a tiny model forced to a scripted conversation) and the real sandbox. One engine runs
-every row: `slots` sequences fit its cache, `decode_rows` of them decode at once. Rows:
+engine (a tiny model forced to a scripted conversation) and the real sandbox. The engine holds
+`slots` sequences in its cache and decodes `decode_rows` of them at once. Rows:
   pure decode   the asynchronous rollout with tools that return at once: decode-bound time D
   lock-step     every turn waits until all live episodes' tools are done
   async         asynchronous (the default): an episode waiting on its tool keeps its cache slot
                 but takes no decode row, so the others decode meanwhile
-  async+handover  (only with fewer slots than episodes) a slot whose tool outlasts a decode
-                chunk goes to a queued episode, which re-prefills on return
-Each latency setting runs lock-step and async back to back on the same episodes, `repeats`
-times; medians are printed. Tools sleep `tool_s` on every call, then (with --tool_spread > 0)
+  ..., R slots  the same on a reference engine with a row per slot (slots = decode_rows, the
+                layout before decode rows existed): the same decode width, less cache, and
+                episodes beyond the slots queue for one
+Each latency setting runs every row back to back on the same episodes, `repeats` times;
+medians are printed. Tools sleep `tool_s` on every call, then (with --tool_spread > 0)
 a heavy-tailed lognormal latency of mean `tool_s` drawn once per (episode, turn), the same for
 every row. Overlap efficiency = ideal / measured, ideal = max(D, longest single episode's tool
 time).
@@ -171,9 +172,16 @@ async def main(args) -> None:
             prefill_chunk=args.prefill_chunk,
         )
         engine.warmup()
+        reference = engine_lib.Engine(
+            ScriptedModel(inner, padded),
+            num_slots=engine.decode_rows,
+            max_len=args.max_len,
+            prefill_chunk=args.prefill_chunk,
+        )
+        reference.warmup()
         sampling = engine_lib.SamplingParams(max_new_tokens=1)
 
-        async def timed(seconds, **overrides):
+        async def timed(seconds, engine=engine, **overrides):
             latency.seconds = seconds
             compiles = engine.num_compilations
             groups = []
@@ -193,16 +201,19 @@ async def main(args) -> None:
             assert all(t.status == "answered" and len(t.turns) == args.turns for t in trajs)
             assert all(t.tokens.tolist() == script[: len(t.tokens)] for t in trajs)
             assert engine.num_compilations == compiles
-            print(f"  {overrides}: {stats.wall_s:.2f} s, {stats.num_engine_calls} engine calls")
+            slots = f"{engine.num_slots} slots, {engine.decode_rows} rows"
+            print(f"  {slots}, {overrides}: {stats.wall_s:.2f} s, {stats.num_engine_calls} calls")
             return stats
 
+        ref = f", {reference.num_slots} slots"
         modes = {
             "lock-step": dict(lockstep=True),
-            "async": dict(release_slots_during_tools=False),
+            "async": dict(lockstep=False),
+            "lock-step" + ref: dict(lockstep=True, engine=reference),
+            "async" + ref: dict(lockstep=False, engine=reference),
         }
-        if args.slots < args.episodes:
-            modes["async+handover"] = dict(release_slots_during_tools=True)
         await timed({})  # warm caches and the sandbox
+        await timed({}, engine=reference)
         runs = {"pure decode": [await timed({}) for _ in range(args.repeats)]}
         settings = {f"tools {args.tool_s} s": _latencies(args, 0.0)}
         if args.tool_spread > 0:
@@ -225,8 +236,8 @@ async def main(args) -> None:
         f"{jax.devices()[0].platform}; load average {load_before[0]:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after"
     )
-    print(f"{'rollout':<16} {'wall s':>8} {'engine s':>9} {'idle s':>7} {'reprefill tok':>14}")
-    print(f"{'pure decode':<16} {decode_s:8.2f} {median('pure decode', 'engine_s'):9.2f}")
+    print(f"{'rollout':<24} {'wall s':>8} {'engine s':>9} {'idle s':>7}")
+    print(f"{'pure decode':<24} {decode_s:8.2f} {median('pure decode', 'engine_s'):9.2f}")
     for setting, seconds in settings.items():
         per_episode = [
             sum(seconds[f"{i}-{k}"] for k in range(args.turns)) for i in range(args.episodes)
@@ -237,17 +248,16 @@ async def main(args) -> None:
         for name in modes:
             key = (setting, name)
             print(
-                f"  {name:<14} {median(key):8.2f} {median(key, 'engine_s'):9.2f} "
-                f"{median(key, 'engine_idle_s'):7.2f} "
-                f"{round(median(key, 'num_reprefill_tokens')):14d}"
+                f"  {name:<22} {median(key):8.2f} {median(key, 'engine_s'):9.2f} "
+                f"{median(key, 'engine_idle_s'):7.2f}"
             )
-        for name in modes:
-            if name != "lock-step":
-                wall = median((setting, name))
-                print(
-                    f"  {name + ':':<16} {median((setting, 'lock-step')) / wall:.2f}x lock-step "
-                    f"speed, overlap efficiency {ideal / wall:.0%}"
-                )
+        for name in ("async", "async" + ref):
+            wall = median((setting, name))
+            speed = ", ".join(
+                f"{median((setting, base)) / wall:.2f}x {base}"
+                for base in ("lock-step", "lock-step" + ref)
+            )
+            print(f"  {name}: {speed}; overlap efficiency {ideal / wall:.0%}")
 
 
 if __name__ == "__main__":
@@ -255,7 +265,7 @@ if __name__ == "__main__":
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--tool_s", type=float, default=0.5)
-    parser.add_argument("--tool_spread", type=float, default=1.0, help="0: fixed latency only")
+    parser.add_argument("--tool_spread", type=float, default=0.5, help="0: fixed latency only")
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--decode_rows", type=int, default=16)
     parser.add_argument("--prefill_chunk", type=int, default=32)

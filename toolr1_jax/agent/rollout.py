@@ -5,6 +5,9 @@ one decode chunk per call; between chunks the loop reads the slots that stopped 
 their code to the sandbox as tasks on the loop, and queues the observation of every finished run as
 a token delta for that slot. Slots whose episode waits on a tool simply sit out the chunks, so a
 slow tool never delays anyone else's decoding. Episodes beyond the slot count wait in a queue.
+On an engine with more slots than decode rows (`Engine(decode_rows=...)`), a waiting episode
+keeps its cache in its slot without taking a decode row: give it a slot per concurrent episode
+and the rows the device batches well, and decoding goes on while tools run.
 
 Token-in/token-out: an episode's tokens are the prompt, then each turn exactly as sampled, then each
 observation's delta exactly as appended; nothing is re-rendered.
@@ -58,7 +61,8 @@ class AgentConfig:
     # When episodes wait for a slot while others' tools run longer than a decode chunk, hand
     # those slots over and re-prefill the history when the observation is back. Pays off when
     # prefill is cheap next to decode and tools are slow; on CPU the re-prefills cost more than
-    # they save (benchmarks/bench_rollout.py), hence off by default.
+    # they save, hence off by default. Slots beyond the engine's decode rows avoid the
+    # re-prefill altogether, at the cost of cache memory (benchmarks/bench_rollout.py).
     release_slots_during_tools: bool = False
     # Baseline for benchmarks: every turn waits until all live episodes' tools are done.
     lockstep: bool = False

@@ -8,6 +8,10 @@ Prints tokens/s of each and their ratio, last.
 
   python benchmarks/bench_update.py                      # batch 8 x 256 tokens
   python benchmarks/bench_update.py --hidden=512 --layers=8 --microbatches=2
+  taskset -c 1 python benchmarks/bench_update.py        # both sides on one core
+
+On a shared machine the two-thread figure flatters JAX: PyTorch's OpenMP threads lose more to
+other processes' load than XLA's pool. Pinning both to one core gives a load-robust ratio.
 """
 
 import argparse

@@ -263,6 +263,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "~/tensorflow_datasets"
     c.data.manual_dir = ""
     c.data.levels = ""  # comma-separated levels to keep; "" = all
+    c.data.num_train = 0  # GRPO's questions: the first N training examples (0 = the whole split)
     c.data.num_eval = 64  # eval examples (0 = the whole split)
     # Evaluation may read another dataset (e.g. train on a QA set, evaluate on GAIA).
     c.data.eval_name = ""  # "" = data.name

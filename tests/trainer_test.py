@@ -176,6 +176,7 @@ def test_corrupt_latest_checkpoint_resumes_from_previous(tmp_path, data_dir, ref
         ("--config.mesh.data=3", "mesh.data"),
         ("--config.model.init_from=/nonexistent/model", "model.init_from"),
         ("--config.optim.num_microbatches=3", "optim.num_microbatches"),
+        ("--config.data.num_train=-1", "data.num_train"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, data_dir, override, expected):

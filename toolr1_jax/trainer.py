@@ -101,6 +101,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "Set model.init_from (a local Hugging Face checkpoint) or model.tokenizer: only "
             "the synthetic suite can train its own tokenizer for a from-scratch model."
         )
+    for key in ("num_train", "num_eval"):
+        if getattr(config.data, key) < 0:
+            raise build.ConfigError(f"data.{key} must be >= 0, got {getattr(config.data, key)}.")
     g = config.grpo
     for key in ("questions_per_step", "group_size", "updates_per_batch"):
         if getattr(g, key) < 1:
@@ -455,8 +458,12 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         _sync("data_prepared")
     if config.data.num_eval > 0:
         eval_examples = eval_examples[: config.data.num_eval]
-    data_iter = pipeline.ExampleIterator(train_examples, seed=config.seed)
-    index_of = {e.task_id: i for i, e in enumerate(train_examples)}
+    # GRPO's questions: the first data.num_train training examples (all when 0). A small pool is
+    # revisited, which is where the queue's replay and learnability ordering act. SFT
+    # demonstrations and the tokenizer draw on the whole split.
+    questions = train_examples[: config.data.num_train or None]
+    data_iter = pipeline.ExampleIterator(questions, seed=config.seed)
+    index_of = {e.task_id: i for i, e in enumerate(questions)}
     tools = build.tools(config)
 
     # ----------------------------------------------------------------------------------------
@@ -484,13 +491,13 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # The same capacity either way, so checkpoints move between the two.
     data_size = mesh.shape["data"]
     queue = buffer.SampleQueue(
-        num_questions=len(train_examples),
+        num_questions=len(questions),
         per_question=config.queue.per_question,
         max_len=config.agent.max_total_tokens,
         threshold=config.queue.threshold,
         max_replay=config.queue.max_replay if config.queue.enabled else 0,
         max_staleness=config.queue.max_staleness,
-        capacity=-(-len(train_examples) * config.queue.per_question // data_size) * data_size,
+        capacity=-(-len(questions) * config.queue.per_question // data_size) * data_size,
         seed=config.seed,
         mesh=mesh if jax.process_count() == 1 else None,
     )
@@ -690,7 +697,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 chosen = [index_of[next(data_iter).task_id] for _ in range(g.questions_per_step)]
             plans = [queue.plan(i, g.group_size, policy_version) for i in chosen]
             requests = [
-                rollout.GroupRequest(train_examples[chosen[gid]], plans[gid].num_fresh, gid)
+                rollout.GroupRequest(questions[chosen[gid]], plans[gid].num_fresh, gid)
                 for gid in range(first_local, first_local + num_local_questions)
             ]
 

@@ -7,7 +7,9 @@ dynamic sample queue on the train split, evaluating on the validation split befo
   python train.py --config=configs/demo.py --workdir=/tmp/toolr1_demo
 
 Variants (`configs/demo.py:VARIANT`, comma-separated `key=value` too):
-  tiny        a few-minute smoke version (tests and the notebook use it)
+  tiny        a few-minute smoke version of the pipeline (the notebook and sweep tests use it)
+  short       the demo's model and SFT stage with two small GRPO steps:
+              the shortest run whose SFT measurably beats the untrained model (the demo test)
   seed=N      the run's seed
   queue=false GRPO without the dynamic sample queue (the ablation baseline)
 """
@@ -16,7 +18,9 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, tiny=False, seed=0, queue=True)
+    args = common.parse_arg(arg, tiny=False, short=False, seed=0, queue=True)
+    if args.tiny and args.short:
+        raise ValueError("configs/demo.py: choose one of the variants tiny and short.")
     c = common.base_config()
     c.seed = args.seed
     c.total_steps = 40
@@ -32,18 +36,21 @@ def get_config(arg=None):
     c.mesh = common.mesh_config("dp")
 
     c.engine.num_slots = 32
-    c.engine.max_len = 768
+    c.engine.max_len = 384
     c.engine.decode_chunk_steps = 16
     c.agent.system_prompt = common.COMPACT_SYSTEM_PROMPT
     c.agent.max_turns = 3
-    c.agent.max_total_tokens = 768
+    c.agent.max_total_tokens = 384
     c.agent.max_new_tokens_per_turn = 96
+    # The first search hit (the one a level-1 question names) fits in 300 characters.
+    c.agent.observation_max_chars = 300
     c.agent.temperature = 1.0
     c.agent.episode_timeout_s = 120.0
     c.sandbox.num_workers = 4
     c.sandbox.timeout_s = 10.0
     c.sandbox.memory_mb = 1024
     c.sandbox.search_corpus = "synthetic"
+    c.sandbox.authorized_imports = "collections,datetime,json,math,pandas,re,statistics"
 
     c.sft.enabled = True
     c.sft.num_demos = 1024
@@ -58,7 +65,9 @@ def get_config(arg=None):
     c.grpo.aggregation = "token_mean"
     c.queue.enabled = args.queue
     c.queue.max_replay = 2
-    c.optim.lr = 3e-5
+    # Measured from the SFT'd model: 3e-4 raises fresh training accuracy within 20 steps; 1e-3
+    # destabilised it (entropy up, held-out accuracy down).
+    c.optim.lr = 3e-4
     c.optim.warmup_steps = 2
     c.optim.num_microbatches = 2
 
@@ -69,6 +78,14 @@ def get_config(arg=None):
     c.ckpt.every_steps = 10
     c.log.eval_every_steps = 20
 
+    if args.short:
+        c.total_steps = 2
+        c.optim.warmup_steps = 1
+        c.optim.num_microbatches = 1
+        c.grpo.questions_per_step = 4
+        c.grpo.group_size = 4
+        c.ckpt.every_steps = 1
+        c.log.eval_every_steps = 2
     if args.tiny:
         c.total_steps = 2
         c.optim.warmup_steps = 1

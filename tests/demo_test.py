@@ -1,8 +1,9 @@
 """The README's main job in a shortened setting: SFT then GRPO on the synthetic suite.
 
-This checks the pipeline (SFT fits, GRPO runs after it, evaluations, plot and export). It does not
-yet check that SFT raises held-out accuracy: the tiny setting does not reach a correct episode
-within a test's budget (issue 10 stays open on that).
+`configs/demo.py:short` keeps the demo's model and its SFT stage (so the cold start must really
+teach the agent something) and shortens GRPO to two small steps. The test checks that SFT lifts
+held-out accuracy above the untrained model's, that GRPO runs after it, and that the run writes
+its plot and Hugging Face export.
 """
 
 import json
@@ -11,17 +12,20 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_tiny_sft_then_grpo(tmp_path):
+@pytest.mark.timeout(1800)  # ~8 min on an idle 2-core machine; shared CI boxes are slower
+def test_demo_short_sft_then_grpo(tmp_path):
     workdir = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "train.py"),
-            "--config=" + str(ROOT / "configs" / "demo.py") + ":tiny",
+            "--config=" + str(ROOT / "configs" / "demo.py") + ":short",
             f"--workdir={workdir}",
             f"--config.data.data_dir={tmp_path / 'tfds'}",
             "--config.log.progress_bar=false",
@@ -34,8 +38,11 @@ def test_demo_tiny_sft_then_grpo(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_init/accuracy" in r for r in rows)  # the untrained model was evaluated
-    assert any(r["step"] == 0 and "eval/accuracy" in r for r in rows)  # and the SFT'd one
+    untrained = next(r["eval_init/accuracy"] for r in rows if "eval_init/accuracy" in r)
+    after_sft = next(r["eval/accuracy"] for r in rows if r["step"] == 0 and "eval/accuracy" in r)
+    # SFT taught the agent to answer some held-out questions; the untrained model cannot.
+    assert after_sft > untrained, (untrained, after_sft)
+    assert after_sft >= 3 / 64, after_sft  # at least three of the 64 held-out questions
     sft = next(r for r in rows if "sft/loss_first" in r)
     assert sft["sft/num_demos"] > 0
     assert sft["sft/loss_last"] < 0.5 * sft["sft/loss_first"]

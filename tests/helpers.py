@@ -7,6 +7,7 @@ formats real checkpoints use, so they go through the same loading code as produc
 from __future__ import annotations
 
 import pathlib
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -145,3 +146,19 @@ def make_chatml_tokenizer_dir(
     """
     path = pathlib.Path(tmp_path) / name
     return tokenizer_lib.train_chatml_tokenizer(corpus, vocab_size, path)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def debug_train_cmd(workdir, data_dir, *overrides) -> list[str]:
+    """`python train.py --config=configs/gaia.py:debug` on `workdir`, without a progress bar."""
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config=" + str(ROOT / "configs" / "gaia.py") + ":debug",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.log.progress_bar=false",
+        *overrides,
+    ]

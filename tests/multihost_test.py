@@ -16,13 +16,14 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Wall-clock and compile counts differ between runs; update/* are float reductions over devices.
@@ -49,15 +50,7 @@ _COMMON = (
 
 
 def _cmd(workdir, data_dir, *overrides):
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config=" + str(ROOT / "configs" / "gaia.py") + ":debug",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        *_COMMON,
-        *overrides,
-    ]
+    return helpers.debug_train_cmd(workdir, data_dir, *_COMMON, *overrides)
 
 
 def _env(num_devices):

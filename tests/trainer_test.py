@@ -8,7 +8,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import helpers
 from toolr1_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,18 +29,6 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-def _train_cmd(workdir, data_dir, *overrides):
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config=" + str(ROOT / "configs" / "gaia.py") + ":debug",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.log.progress_bar=false",
-        *overrides,
-    ]
-
-
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -50,7 +38,7 @@ def _env():
 
 def _run(workdir, data_dir, *overrides, timeout=900):
     proc = subprocess.run(
-        _train_cmd(workdir, data_dir, *overrides),
+        helpers.debug_train_cmd(workdir, data_dir, *overrides),
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -128,7 +116,7 @@ def test_debug_config_trains_three_steps(reference_run):
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir, reference_run):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
-        _train_cmd(workdir, data_dir),
+        helpers.debug_train_cmd(workdir, data_dir),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,

@@ -18,18 +18,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from toolr1_jax import sharding
+
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _abstract(tree):
@@ -90,7 +85,7 @@ class Checkpointer:
         With several processes, process 0 renames it once all have given up on it, and none
         looks at the directory again before the rename is done.
         """
-        _barrier(f"checkpoint_{step}_unusable")
+        sharding.sync_processes(f"checkpoint_{step}_unusable")
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(self.directory, f"corrupt_step_{step}")
         suffix = 0
@@ -99,7 +94,7 @@ class Checkpointer:
             dst = os.path.join(self.directory, f"corrupt_step_{step}.{suffix}")
         if jax.process_index() == 0:
             os.rename(src, dst)
-        _barrier(f"checkpoint_{step}_set_aside")
+        sharding.sync_processes(f"checkpoint_{step}_set_aside")
         self._manager.reload()
         return dst
 

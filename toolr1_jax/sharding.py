@@ -148,3 +148,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh=None) -> jax.Array:
     if context_mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, context_mesh))
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process run reaches the barrier `name`; a no-op with
+    one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

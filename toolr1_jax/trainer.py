@@ -166,7 +166,7 @@ def _tokenizer(config, workdir: pathlib.Path, train_examples, tools) -> tokenize
             texts.extend(e.metadata.get("thoughts", ()))
             texts.extend(e.metadata.get("solution", ()))
         tokenizer_lib.train_chatml_tokenizer(texts, config.model.vocab_size, path)
-    _sync("tokenizer")
+    sharding.sync_processes("tokenizer")
     return tokenizer_lib.load_tokenizer(path)
 
 
@@ -185,13 +185,6 @@ class _CompileCounter:
 
     def close(self) -> None:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class _Writer:
@@ -451,11 +444,11 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     # Processes sharing a data_dir must not prepare a dataset at once: process 0 prepares it
     # (when needed) before the others read it.
     if not is_main:
-        _sync("data_prepared")
+        sharding.sync_processes("data_prepared")
     train_examples = build.examples(config, config.data.train_split)
     eval_examples = build.examples(config, config.data.eval_split, for_eval=True)
     if is_main:
-        _sync("data_prepared")
+        sharding.sync_processes("data_prepared")
     if config.data.num_eval > 0:
         eval_examples = eval_examples[: config.data.num_eval]
     # GRPO's questions: the first data.num_train training examples (all when 0). A small pool is
@@ -840,9 +833,9 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
         # Every process takes part (sharded params are gathered collectively); process 0 writes.
         export_dir = workdir / "export"
         params_lib.save_pretrained(nnx.merge(graphdef, params), model_config, str(export_dir))
-    if config.ckpt.export_hf and is_main:
-        tokenizer.hf.save_pretrained(str(export_dir))
-        log.info("Exported the policy to %s.", export_dir)
+        if is_main:
+            tokenizer.hf.save_pretrained(str(export_dir))
+            log.info("Exported the policy to %s.", export_dir)
     if is_main:
         summary = summarize_accuracy(workdir)
         if summary:

@@ -10,9 +10,10 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
+
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,14 +23,7 @@ def test_demo_short_sft_then_grpo(tmp_path):
     workdir = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--config=" + str(ROOT / "configs" / "demo.py") + ":short",
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={tmp_path / 'tfds'}",
-            "--config.log.progress_bar=false",
-        ],
+        helpers.train_cmd("demo.py:short", workdir, tmp_path / "tfds"),
         cwd=ROOT,
         env=env,
         capture_output=True,

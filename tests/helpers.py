@@ -16,6 +16,8 @@ import transformers
 from toolr1_jax.models import tokenizer as tokenizer_lib
 
 # Special token ids of the tokenizer below; the model fixtures use them for eos/pad.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 ENDOFTEXT_ID = 0
 IM_START_ID = 1
 IM_END_ID = 2
@@ -148,15 +150,13 @@ def make_chatml_tokenizer_dir(
     return tokenizer_lib.train_chatml_tokenizer(corpus, vocab_size, path)
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def debug_train_cmd(workdir, data_dir, *overrides) -> list[str]:
-    """`python train.py --config=configs/gaia.py:debug` on `workdir`, without a progress bar."""
+def train_cmd(config: str, workdir, data_dir, *overrides) -> list[str]:
+    """`python train.py --config=configs/<config>` on `workdir` (e.g. config="gaia.py:debug"),
+    reading datasets from `data_dir`, without a progress bar."""
     return [
         sys.executable,
         str(ROOT / "train.py"),
-        "--config=" + str(ROOT / "configs" / "gaia.py") + ":debug",
+        "--config=" + str(ROOT / "configs" / config),
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         "--config.log.progress_bar=false",

@@ -50,7 +50,7 @@ _COMMON = (
 
 
 def _cmd(workdir, data_dir, *overrides):
-    return helpers.debug_train_cmd(workdir, data_dir, *_COMMON, *overrides)
+    return helpers.train_cmd("gaia.py:debug", workdir, data_dir, *_COMMON, *overrides)
 
 
 def _env(num_devices):

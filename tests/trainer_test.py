@@ -38,7 +38,7 @@ def _env():
 
 def _run(workdir, data_dir, *overrides, timeout=900):
     proc = subprocess.run(
-        helpers.debug_train_cmd(workdir, data_dir, *overrides),
+        helpers.train_cmd("gaia.py:debug", workdir, data_dir, *overrides),
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -116,7 +116,7 @@ def test_debug_config_trains_three_steps(reference_run):
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir, reference_run):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(
-        helpers.debug_train_cmd(workdir, data_dir),
+        helpers.train_cmd("gaia.py:debug", workdir, data_dir),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,

@@ -78,28 +78,23 @@ def get_config(arg=None):
     c.ckpt.every_steps = 10
     c.log.eval_every_steps = 20
 
-    if args.short:
+    if args.short or args.tiny:  # two small GRPO steps, each checkpointed and evaluated
         c.total_steps = 2
         c.optim.warmup_steps = 1
-        c.optim.num_microbatches = 1
         c.grpo.questions_per_step = 4
         c.grpo.group_size = 4
         c.ckpt.every_steps = 1
         c.log.eval_every_steps = 2
+    if args.short:
+        c.optim.num_microbatches = 1
     if args.tiny:
-        c.total_steps = 2
-        c.optim.warmup_steps = 1
         c.model = common.model_config("tiny")
         c.model.dtype = "float32"
         c.engine.num_slots = 16
-        c.grpo.questions_per_step = 4
-        c.grpo.group_size = 4
         c.data.num_eval = 8
         c.sft.num_demos = 64
         c.sft.num_steps = 40
         c.sft.batch_size = 8
         c.sft.lr = 2e-2
         c.sft.warmup_steps = 2
-        c.ckpt.every_steps = 1
-        c.log.eval_every_steps = 2
     return c

@@ -257,7 +257,7 @@ def test_sequence_logprobs_matches_full_logits_and_gradient():
     def chunked(state):
         m = nnx.merge(graphdef, state)
         lp, ent = grpo.sequence_logprobs(
-            m, tokens, positions, attn, 0.8, chunk_size=4, with_entropy=True
+            m, tokens, positions, attn, 0.8, chunk_size=4, stat="entropy"
         )
         return jnp.sum(lp * weights), (lp, ent)
 
@@ -276,6 +276,29 @@ def test_sequence_logprobs_matches_full_logits_and_gradient():
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4, 11, 256])
+def test_sequence_logprobs_argmax_hits_match_full_logits(chunk_size):
+    model = tiny_model()
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, 61, (3, 11)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(11), (3, 11))
+    attn = jnp.ones((3, 11), jnp.bool_)
+    logits, _ = model(tokens, positions, attn_mask=attn)
+    # Make some targets the argmax, so both outcomes occur.
+    tokens = tokens.at[:, 5:].set(jnp.pad(logits.argmax(-1)[:, 4:-1], ((0, 0), (0, 1)))[:, :6])
+    lp, hit = grpo.sequence_logprobs(
+        model, tokens, positions, attn, 1.0, chunk_size=chunk_size, stat="argmax_hit"
+    )
+    logits, _ = model(tokens, positions, attn_mask=attn)
+    expected = logits.argmax(-1)[:, :-1] == tokens[:, 1:]
+    assert 0 < int(expected.sum()) < expected.size
+    np.testing.assert_array_equal(hit[:, 1:], expected.astype(np.float32))
+    np.testing.assert_array_equal(hit[:, 0], 0.0)
+    np.testing.assert_allclose(lp, direct_logprobs(logits, tokens, 1.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown statistic"):
+        grpo.sequence_logprobs(model, tokens, positions, attn, 1.0, stat="perplexity")
 
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)

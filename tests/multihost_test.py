@@ -216,11 +216,23 @@ def test_two_processes_match_one(start):
         assert meta[0] == meta[1]  # question statistics, cached turns, data position, counters
 
     # The parameters: equal up to float32 rounding, and training moved them far more than that.
+    # "Far more" is measured in units of each parameter's own tolerance (atol + rtol * |x|), the
+    # slack the equality above forgives at that magnitude: an untrained run must fail equality on
+    # most parameters, or the equality is vacuous. (A bare max |diff| is one ulp of the largest
+    # parameter that rounding touched, which changes with any change to the starting point.)
     pa, pb = jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])
-    moved, diff = 0.0, 0.0
+    moved_in_tols, diff = [], 0.0
     for x, y, x0 in zip(pa, pb, jax.tree.leaves(start_params), strict=True):
         np.testing.assert_allclose(y, x, rtol=_RTOL, atol=_ATOL)
-        moved = max(moved, float(np.abs(x - x0).max()))
+        tol = _ATOL + _RTOL * np.abs(x)
+        moved_in_tols.append((np.abs(x - x0) / tol).ravel())
         diff = max(diff, float(np.abs(x - y).max()))
-    print(f"2 steps: max |1x8 - 2x4| = {diff:.3g}, max change from the start = {moved:.3g}")
-    assert moved > 1e3 * max(diff, _ATOL)
+    moved_in_tols = np.concatenate(moved_in_tols)
+    far = float(np.mean(moved_in_tols > 10.0))
+    print(
+        f"2 steps: max |1x8 - 2x4| = {diff:.3g}; change from the start in tolerances: "
+        f"median {np.median(moved_in_tols):.3g}, share beyond 10 tolerances {far:.3f}"
+    )
+    # Adam moves every parameter with a gradient by ~lr per step, 2e-4 here: ~100 tolerances at
+    # magnitude 1 and more below it. Embedding rows of tokens absent from both steps do not move.
+    assert far > 0.5

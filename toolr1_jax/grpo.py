@@ -47,8 +47,12 @@ def _check_temperature(temperature):
         raise ValueError(f"temperature must be positive, got {temperature}.")
 
 
-def _chunk_stats(head_fn: Callable, with_entropy: bool, w, xc, tc, temperature):
-    """(log-probs, entropies, log-normalisers) [B, C] of one chunk; see `_next_token_stats`."""
+# The per-position statistic `_next_token_stats` returns next to the log-probs (no gradient).
+STATS = (None, "entropy", "argmax_hit")
+
+
+def _chunk_stats(head_fn: Callable, stat: str | None, w, xc, tc, temperature):
+    """(log-probs, statistic, log-normalisers) [B, C] of one chunk; see `_next_token_stats`."""
     logits = head_fn(w, xc).astype(jnp.float32) / temperature  # [B, C, V]
     # One exp pass serves both the normaliser and the entropy.
     top = logits.max(axis=-1, keepdims=True)
@@ -58,28 +62,31 @@ def _chunk_stats(head_fn: Callable, with_entropy: bool, w, xc, tc, temperature):
     # A one-hot product rather than a gather: it stays local when V is sharded over 'tensor'.
     # (Multiplying rather than selecting: XLA:CPU materialised the select's [B, C, V] zeros.)
     hit = jnp.arange(logits.shape[-1]) == tc[..., None]
-    lp = jnp.sum(logits * hit, axis=-1) - logz
-    if not with_entropy:
-        return lp, jnp.zeros_like(lp), logz
-    return lp, logz - jnp.sum(e * logits, axis=-1) / total, logz
+    target_logit = jnp.sum(logits * hit, axis=-1)  # exact: one term times 1, the rest times 0
+    lp = target_logit - logz
+    if stat == "entropy":
+        return lp, logz - jnp.sum(e * logits, axis=-1) / total, logz
+    if stat == "argmax_hit":  # the target has the largest logit (1.0) or not (0.0)
+        return lp, (target_logit >= top[..., 0]).astype(jnp.float32), logz
+    return lp, jnp.zeros_like(lp), logz
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunk_logprobs(head_fn: Callable, with_entropy: bool, w, xc, tc, temperature):
-    lp, ent, _ = _chunk_stats(head_fn, with_entropy, w, xc, tc, temperature)
+def _chunk_logprobs(head_fn: Callable, stat: str | None, w, xc, tc, temperature):
+    lp, ent, _ = _chunk_stats(head_fn, stat, w, xc, tc, temperature)
     return lp, ent
 
 
-def _chunk_logprobs_fwd(head_fn, with_entropy, w, xc, tc, temperature):
-    lp, ent, logz = _chunk_stats(head_fn, with_entropy, w, xc, tc, temperature)
+def _chunk_logprobs_fwd(head_fn, stat, w, xc, tc, temperature):
+    lp, ent, logz = _chunk_stats(head_fn, stat, w, xc, tc, temperature)
     # Only the inputs and the log-normaliser are kept: the backward recomputes the logits (one
     # matmul) instead of holding [B, C, V] floats per chunk until the backward pass.
     return (lp, ent), (w, xc, tc, temperature, logz)
 
 
-def _chunk_logprobs_bwd(head_fn, with_entropy, res, cts):
+def _chunk_logprobs_bwd(head_fn, stat, res, cts):
     w, xc, tc, temperature, logz = res
-    g = cts[0]  # The entropy is a metric: its cotangent is dropped (stop-gradient).
+    g = cts[0]  # The statistic is a metric: its cotangent is dropped (stop-gradient).
     logits, head_vjp = jax.vjp(head_fn, w, xc)
     # d log p(target) / d z = onehot(target) - softmax(z), with z = logits / temperature.
     p = jnp.exp(logits.astype(jnp.float32) / temperature - logz[..., None])
@@ -93,10 +100,9 @@ def _chunk_logprobs_bwd(head_fn, with_entropy, res, cts):
 _chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
 
 
-def _next_token_stats(
-    head_fn: Callable, w, x, tokens, temperature, chunk_size: int, with_entropy: bool
-):
-    """Log-probs (and entropies) of `tokens` at their own positions from inputs x [B, T, ...].
+def _next_token_stats(head_fn: Callable, w, x, tokens, temperature, chunk_size: int, stat):
+    """Log-probs of `tokens` at their own positions from inputs x [B, T, ...], and a statistic
+    of each position's distribution (`stat` in STATS; zeros for None), both [B, T] float32.
 
     `head_fn(w, x_chunk) -> logits [B, C, V]` runs on one chunk of C positions at a time, and
     the hand-written backward recomputes each chunk's logits, so neither pass holds [B, T, V]
@@ -105,14 +111,17 @@ def _next_token_stats(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if stat not in STATS:
+        raise ValueError(f"Unknown statistic {stat!r}; expected one of {STATS}.")
     _check_temperature(temperature)
     b, t = tokens.shape
     if x.shape[:2] != (b, t):
         raise ValueError(f"Inputs {x.shape} and tokens {tokens.shape} disagree on [B, T].")
     # Row t of x predicts token t + 1; the last row predicts nothing (target 0, dropped below).
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-    c = min(chunk_size, t)
-    n = -(-t // c)
+    # As many chunks as chunk_size asks for, evened out so the padding is under one per chunk.
+    n = -(-t // chunk_size)
+    c = -(-t // n)
     pad = n * c - t
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
@@ -122,7 +131,7 @@ def _next_token_stats(
 
     def chunk(args):
         xc, tc = args
-        return _chunk_logprobs(head_fn, with_entropy, w, xc, tc, temperature)
+        return _chunk_logprobs(head_fn, stat, w, xc, tc, temperature)
 
     lp, ent = jax.lax.map(chunk, (xs, ts))  # [n, B, C] each
 
@@ -149,7 +158,7 @@ def token_logprobs(logits, tokens, temperature, *, chunk_size: int = 256):
     = 0). The float32 softmax is formed `chunk_size` positions at a time.
     """
     logits = jnp.asarray(logits)
-    lp, _ = _next_token_stats(_identity_head, (), logits, tokens, temperature, chunk_size, False)
+    lp, _ = _next_token_stats(_identity_head, (), logits, tokens, temperature, chunk_size, None)
     return lp
 
 
@@ -161,19 +170,19 @@ def sequence_logprobs(
     temperature,
     *,
     chunk_size: int = 256,
-    with_entropy: bool = False,
+    stat: str | None = None,
 ):
     """Token log-probs [B, T] of a batch under an NNX `Transformer`, same alignment as above.
 
-    Runs the trunk once and the LM head per chunk of `chunk_size` positions. With
-    `with_entropy=True` returns `(logp, entropy)`, the entropy (stop-gradient) of the
-    distribution each token was drawn from.
+    Runs the trunk once and the LM head per chunk of `chunk_size` positions. With a `stat`
+    returns `(logp, values)`, a stop-gradient statistic of the distribution each token was
+    drawn from: "entropy", or "argmax_hit" (1.0 where the token is the most likely one).
     """
     hidden, _ = model.hidden_states(tokens, positions, attn_mask=attn_mask)  # [B, T, D]
-    lp, ent = _next_token_stats(
-        _matmul_head, model.head_weight(), hidden, tokens, temperature, chunk_size, with_entropy
+    lp, values = _next_token_stats(
+        _matmul_head, model.head_weight(), hidden, tokens, temperature, chunk_size, stat
     )
-    return (lp, ent) if with_entropy else lp
+    return lp if stat is None else (lp, values)
 
 
 def kl_penalty(logp, ref_logp, estimator: str):

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from toolr1_jax import update
+from toolr1_jax import grpo, update
 from toolr1_jax.agent import parse, prompt
 from toolr1_jax.agent import rollout as rollout_lib
 from toolr1_jax.agent import trajectory as trajectory_lib
@@ -206,40 +206,13 @@ async def _play(index, example, turns, system_prompt, tokenizer, pool, config):
 def token_stats(model, tokens, positions, attn_mask, *, chunk_size: int = 256):
     """Per-token float32 log-probs and argmax hits [B, T] each, aligned like `grpo`'s.
 
-    `logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` and `hit[:, t]` is whether that token is
-    the most likely one; position 0 holds (0, False). The LM head runs at most `chunk_size`
-    positions at a time under `jax.checkpoint`, so neither pass holds [B, T, V] whole.
+    `logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` and `hit[:, t]` is 1.0 where that token
+    is the most likely one; position 0 holds (0, 0). The LM head runs `chunk_size` positions at
+    a time (grpo's chunked head with its hand-written backward), so [B, T, V] is never whole.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    hidden, _ = model.hidden_states(tokens, positions, attn_mask=attn_mask)  # [B, T, D]
-    b, t = tokens.shape
-    # Row t of hidden predicts token t + 1; the last row predicts nothing (dropped below).
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-    # As many chunks as chunk_size asks for, evened out so the padding is under one per chunk.
-    n = -(-t // chunk_size)
-    c = -(-t // n)
-    pad = n * c - t
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hs = hidden.reshape(b, n, c, -1).swapaxes(0, 1)  # [n, B, C, D]
-    ts = targets.reshape(b, n, c).swapaxes(0, 1)  # [n, B, C]
-
-    @jax.checkpoint
-    def chunk(args):
-        h, target = args
-        logits = model.logits(h).astype(jnp.float32)  # [B, C, V]
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0] - logz
-        return lp, jnp.argmax(logits, axis=-1) == target
-
-    lp, hit = jax.lax.map(chunk, (hs, ts))
-
-    def align(v):
-        v = v.swapaxes(0, 1).reshape(b, n * c)[:, : t - 1]
-        return jnp.pad(v, ((0, 0), (1, 0)))
-
-    return align(lp), align(hit)
+    return grpo.sequence_logprobs(
+        model, tokens, positions, attn_mask, 1.0, chunk_size=chunk_size, stat="argmax_hit"
+    )
 
 
 def _make_grads(graphdef, num_microbatches: int, mesh, chunk_size: int):

@@ -164,7 +164,7 @@ def _make_grads(graphdef, loss_config: LossConfig, num_microbatches: int, mesh, 
     """(state, batch, ref_state) -> (mean-loss gradients [float32], loss, metrics)."""
     cfg = loss_config
 
-    def logprobs(state, mb, with_entropy):
+    def logprobs(state, mb, stat):
         model = nnx.merge(graphdef, state)
         return grpo.sequence_logprobs(
             model,
@@ -173,15 +173,15 @@ def _make_grads(graphdef, loss_config: LossConfig, num_microbatches: int, mesh, 
             mb.attn_mask,
             cfg.temperature,
             chunk_size=chunk_size,
-            with_entropy=with_entropy,
+            stat=stat,
         )
 
     def micro_loss(state, mb, ref_state):
-        logp, entropy = logprobs(state, mb, True)
+        logp, entropy = logprobs(state, mb, "entropy")
         prox = jax.lax.stop_gradient(logp) if mb.prox_logprobs is None else mb.prox_logprobs
         ref = None
         if ref_state is not None:
-            ref = jax.lax.stop_gradient(logprobs(ref_state, mb, False))
+            ref = jax.lax.stop_gradient(logprobs(ref_state, mb, None))
         loss_sum, denominator, metrics = grpo.grpo_loss(
             logp,
             prox,
@@ -311,7 +311,7 @@ def make_logprob_fn(
 
     def fn(state, _, batch, ref_state):
         mbs = _microbatches(batch, num_microbatches, mesh)
-        lp = jax.lax.map(lambda mb: logprobs(state, mb, False), mbs)  # [M, B/M, L]
+        lp = jax.lax.map(lambda mb: logprobs(state, mb, None), mbs)  # [M, B/M, L]
         return lp.swapaxes(0, 1).reshape(batch.tokens.shape)
 
     out = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))

@@ -67,17 +67,7 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scripted():
     """One engine for the module, so its programs compile once."""
-    config = model_lib.ModelConfig(
-        model_type="qwen2",
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        qkv_bias=True,
-    )
+    config = helpers.tiny_model_config()
     model = ScriptedModel(model_lib.Transformer(config, rngs=nnx.Rngs(0)))
     engine = engine_lib.Engine(model, num_slots=NUM_SLOTS, max_len=MAX_LEN)
     return model, engine

@@ -389,17 +389,7 @@ async def test_evaluate_runs_grades_and_judges_every_episode(tmp_path, capsys):
     script = np.zeros((MAX_LEN + 1,), np.int32)
     ids = tokenizer.encode(tokenizer.render(conversation, add_generation_prompt=False))
     script[: len(ids)] = ids
-    inner_config = model_lib.ModelConfig(
-        model_type="qwen2",
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        qkv_bias=True,
-    )
+    inner_config = helpers.tiny_model_config()
     model = ForcedModel(random_transformer(inner_config), script)
     engine = engine_lib.Engine(model, num_slots=4, max_len=MAX_LEN)
     judge = LenientJudge(fail_on="7")
@@ -443,6 +433,77 @@ async def test_evaluate_runs_grades_and_judges_every_episode(tmp_path, capsys):
     assert m["wall_s"] > 0
     # The progress bar reached every episode.
     assert "6/6" in capsys.readouterr().err
+
+
+async def test_shards_merge_to_the_unsharded_evaluation(tmp_path):
+    """A multi-host evaluation (each process a share, `merge_shards` on the gathered shares)
+    samples and grades exactly what one process running every question does."""
+    tokenizer = tokenizer_lib.load_tokenizer(helpers.make_chatml_tokenizer_dir(tmp_path))
+    examples = [
+        types.Example(t, f"What is 2 + {i}?", str(2 + i), 1 + i % 2) for i, t in enumerate("abcde")
+    ]
+    config = rollout.AgentConfig(
+        system_prompt_template=SYSTEM_TEMPLATE,
+        max_turns=2,
+        max_total_tokens=MAX_LEN,
+        max_new_tokens_per_turn=16,
+        observation_max_chars=200,
+        decode_chunk_steps=8,
+    )
+    model_config = helpers.tiny_model_config()
+    engine = engine_lib.Engine(random_transformer(model_config), num_slots=4, max_len=MAX_LEN)
+    sampling = engine_lib.SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
+    async with pool_lib.SandboxPool(2, 10.0, 512, tools=[add], preload=()) as pool:
+
+        async def run(shard):
+            return await evaluation.evaluate(
+                examples,
+                engine=engine,
+                tokenizer=tokenizer,
+                pool=pool,
+                tools=[add],
+                agent_config=config,
+                sampling=sampling,
+                num_samples=2,
+                progress=False,
+                shard=shard,
+            )
+
+        whole = await run((0, 1))
+        # Six shares of five questions: the last holds none.
+        shares = {count: [await run((i, count)) for i in range(count)] for count in (2, 6)}
+
+    def tokens(result):
+        return [(r.example.task_id, r.sample, r.trajectory.tokens.tolist()) for r in result.records]
+
+    # The samples are random (the two episodes of a question differ), so equal tokens below
+    # mean every episode kept its seed.
+    assert (
+        whole.records[0].trajectory.tokens.tolist() != whole.records[1].trajectory.tokens.tolist()
+    )
+    assert [len(s.records) for s in shares[6]] == [2, 2, 2, 2, 2, 0]
+    timing = ("wall_s", "time/engine_s", "time/sandbox_s")
+    for count, parts in shares.items():
+        merged = evaluation.merge_shards(parts)
+        assert tokens(merged) == tokens(whole), count
+        assert [r.correct for r in merged.records] == [r.correct for r in whole.records]
+        strip = lambda m: {k: v for k, v in m.items() if k not in timing}  # noqa: E731
+        assert strip(merged.metrics) == strip(whole.metrics), count
+        assert merged.metrics["wall_s"] == max(p.metrics["wall_s"] for p in parts)
+    with pytest.raises(ValueError, match="not the"):
+        evaluation.merge_shards(shares[2][::-1])
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        await evaluation.evaluate(
+            examples,
+            engine=engine,
+            tokenizer=tokenizer,
+            pool=None,
+            tools=[add],
+            agent_config=config,
+            sampling=sampling,
+            num_samples=1,
+            shard=(2, 2),
+        )
 
 
 async def test_evaluate_rejects_bad_arguments():

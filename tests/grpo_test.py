@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 from jax import test_util as jtu
 
+from tests import helpers
 from toolr1_jax import grpo
 from toolr1_jax.models import model as model_lib
 
@@ -231,17 +232,7 @@ def test_token_logprobs_chunked_equals_unchunked(chunk_size):
 
 
 def tiny_model():
-    config = model_lib.ModelConfig(
-        model_type="qwen2",
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        qkv_bias=True,
-    )
+    config = helpers.tiny_model_config(vocab_size=61, num_heads=4, num_kv_heads=2, head_dim=8)
     return model_lib.Transformer(config, rngs=nnx.Rngs(0))
 
 

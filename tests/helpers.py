@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import transformers
 
+from toolr1_jax.models import model as model_lib
 from toolr1_jax.models import tokenizer as tokenizer_lib
 
 # Special token ids of the tokenizer below; the model fixtures use them for eos/pad.
@@ -78,6 +79,23 @@ _FAMILY = {
         },
     ),
 }
+
+
+def tiny_model_config(**overrides) -> model_lib.ModelConfig:
+    """A one-layer Qwen2-style config for tests that need a model but not its quality;
+    `overrides` replace any field."""
+    fields = dict(
+        model_type="qwen2",
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        qkv_bias=True,
+    )
+    return model_lib.ModelConfig(**{**fields, **overrides})
 
 
 def make_hf_config(model_type: str = "qwen2", **overrides) -> transformers.PretrainedConfig:

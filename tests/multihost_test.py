@@ -27,7 +27,7 @@ from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Wall-clock and compile counts differ between runs; update/* are float reductions over devices.
-_NOT_EXACT = ("time/", "throughput/", "compiles", "update/")
+_NOT_EXACT = ("time/", "throughput/", "compiles", "update/", "eval/wall_s", "eval/time/")
 # The parameters after 2 steps: the gradient differs by float32 rounding (all-reduce order,
 # behaviour log-probs in the importance weights), which moves each Adam step (at most lr = 1e-4)
 # by a relative ~1e-5 at most; rounding the params adds a few ulps. So: 1e-4 of the two steps'
@@ -156,6 +156,9 @@ def test_two_processes_match_one(start):
         f"--config.model.tokenizer={sft_dir / 'tokenizer'}",
         "--config.total_steps=2",
         "--config.queue.threshold=0.0",
+        # Evaluated at step 2, each process on its share (3 and 2 of the 5 questions).
+        "--config.log.eval_every_steps=2",
+        "--config.data.num_eval=5",
     )
     single, multi = root / "single", root / "multi"
     port = _free_port()
@@ -177,11 +180,16 @@ def test_two_processes_match_one(start):
         ),
     ]
     _wait(procs, timeout_s=900)
-    assert "JAX process 1/2" in (root / "multi_1.log").read_text()
+    logs = [(root / f"multi_{i}.log").read_text() for i in range(2)]
+    assert "JAX process 1/2" in logs[1]
+    # Each process evaluated its share.
+    assert "Evaluated 3 of the 5 questions" in logs[0]
+    assert "Evaluated 2 of the 5 questions" in logs[1]
 
     # The rollouts: every reward, status count and sample counter is the same.
     a, b = _metrics(single), _metrics(multi)
     assert sorted(a) == sorted(b) == [1, 2]
+    assert a[2]["eval/num_questions"] == 5
     for step in a:
         exact_a = {k: v for k, v in a[step].items() if not k.startswith(_NOT_EXACT)}
         exact_b = {k: v for k, v in b[step].items() if not k.startswith(_NOT_EXACT)}

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from flax import nnx
 
+from tests import helpers
 from toolr1_jax import engine as engine_lib
 from toolr1_jax import sft, sharding, update
 from toolr1_jax.agent import prompt, rollout
@@ -198,17 +199,7 @@ async def test_demonstrations_need_the_code_stop_string(suite):
 # The loss and its gradients
 # ---------------------------------------------------------------------------------------------
 
-SMALL = model_lib.ModelConfig(
-    model_type="qwen2",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-)
+SMALL = helpers.tiny_model_config(vocab_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 def random_state(config, seed=0, std=0.1):

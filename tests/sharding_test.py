@@ -133,17 +133,7 @@ def test_constrain_without_mesh_is_identity():
 
 def test_replicated_fallback_for_odd_sizes(mesh):
     # One kv head and an odd vocab cannot split over tensor=2: those dims are replicated.
-    config = model_lib.ModelConfig(
-        model_type="qwen2",
-        vocab_size=509,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        qkv_bias=True,
-    )
+    config = helpers.tiny_model_config(vocab_size=509)
     # Abstract model: the specs come from shapes and metadata alone, no weights needed.
     abstract = nnx.eval_shape(lambda: model_lib.Transformer(config, rngs=nnx.Rngs(0)))
     shardings = sharding.param_shardings(abstract, mesh)

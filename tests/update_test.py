@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests import helpers
 from toolr1_jax import sharding, update
 from toolr1_jax.models import model as model_lib
 
@@ -22,17 +23,7 @@ LOSS = update.LossConfig(
 )
 
 
-CONFIG = model_lib.ModelConfig(
-    model_type="qwen2",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-)
+CONFIG = helpers.tiny_model_config(vocab_size=64, num_heads=4, num_kv_heads=2, head_dim=8)
 
 
 @functools.cache

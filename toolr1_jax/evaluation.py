@@ -241,6 +241,7 @@ async def evaluate(
     judge: judge_lib.Judge | None = None,
     progress: bool = True,
     policy_version: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> EvalResult:
     """Runs `num_samples` episodes of every example and grades them.
 
@@ -257,6 +258,9 @@ async def evaluate(
         reported; a judge failure is recorded on the episode, not raised.
       progress: show a progress bar (episodes done, running accuracy) on stderr.
       policy_version: stored in the trajectories.
+      shard: `(index, count)`: run only examples `index, index + count, ...`, one process's share
+        of a multi-host evaluation; `merge_shards` joins the shares. Episode seeds follow each
+        example's position in `examples`, so the shares sample what one unsharded run would.
     """
     examples = list(examples)
     if not examples:
@@ -270,6 +274,11 @@ async def evaluate(
         raise ValueError(f"evaluate: task ids must be unique, repeated: {duplicates[:5]}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"evaluate: num_samples must be an integer >= 1, got {num_samples!r}")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(
+            f"evaluate: shard must be (index, count) with 0 <= index < count, got {shard}"
+        )
     tools = registry.check_unique(tools)
     tool_names = [t.name for t in tools]
     pool_names = [t.name for t in pool.tools]
@@ -280,9 +289,11 @@ async def evaluate(
             f"{sorted(pool_names)}"
         )
 
+    mine = range(index, len(examples), count)
+
     graded: dict[int, list[EvalRecord]] = {}
     bar = tqdm.tqdm(
-        total=len(examples) * num_samples,
+        total=len(mine) * num_samples,
         desc="eval",
         unit="episode",
         disable=not progress,
@@ -306,7 +317,7 @@ async def evaluate(
     start = time.perf_counter()
     try:
         stats = await rollout.rollout(
-            [rollout.GroupRequest(e, num_samples, i) for i, e in enumerate(examples)],
+            [rollout.GroupRequest(examples[i], num_samples, i) for i in mine],
             engine=engine,
             tokenizer=tokenizer,
             pool=pool,
@@ -317,12 +328,43 @@ async def evaluate(
         )
     finally:
         bar.close()
-    records = tuple(r for i in range(len(examples)) for r in graded[i])
-    metrics = compute_metrics(records, num_samples=num_samples, judged=judge is not None)
+    records = tuple(r for i in mine for r in graded[i])
+    # A share can be empty (more processes than questions); its metrics come from the merge.
+    metrics = (
+        compute_metrics(records, num_samples=num_samples, judged=judge is not None)
+        if records
+        else {}
+    )
     metrics["wall_s"] = time.perf_counter() - start
     metrics["time/engine_s"] = stats.engine_s
     metrics["time/sandbox_s"] = stats.sandbox_s
     return EvalResult(metrics, records, num_samples, judge is not None)
+
+
+def merge_shards(shards: Sequence[EvalResult]) -> EvalResult:
+    """One result from every share of `evaluate(..., shard=(i, len(shards)))`, in share order.
+
+    Records return to example order and the metrics are computed over all of them; the times are
+    the slowest share's (the processes ran side by side).
+    """
+    count = len(shards)
+    if not count:
+        raise ValueError("merge_shards: no shares given")
+    n = shards[0].num_samples
+    if any((s.num_samples, s.judged) != (n, shards[0].judged) for s in shards):
+        raise ValueError("merge_shards: the shares differ in num_samples or judging")
+    groups = [[s.records[j : j + n] for j in range(0, len(s.records), n)] for s in shards]
+    num_examples = sum(len(g) for g in groups)
+    if [len(g) for g in groups] != [len(range(i, num_examples, count)) for i in range(count)]:
+        raise ValueError(
+            f"merge_shards: shares of {[len(g) for g in groups]} questions are not the "
+            f"({count}-way, in order) split of {num_examples} questions"
+        )
+    records = tuple(r for i in range(num_examples) for r in groups[i % count][i // count])
+    metrics = compute_metrics(records, num_samples=n, judged=shards[0].judged)
+    for key in ("wall_s", "time/engine_s", "time/sandbox_s"):
+        metrics[key] = max(s.metrics[key] for s in shards)
+    return EvalResult(metrics, records, n, shards[0].judged)
 
 
 # ----------------------------------------------------------------------------------------------

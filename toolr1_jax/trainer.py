@@ -586,7 +586,8 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     compiles = _CompileCounter()
 
     async def evaluate(at_step: int, prefix: str) -> dict[str, float]:
-        """Greedy episodes on the eval split; logged under `prefix/` and written to eval/."""
+        """Greedy episodes on the eval split, each process running its share; logged under
+        `prefix/` and written to `prefix/step_N/`."""
         result = await evaluation.evaluate(
             eval_examples,
             engine=engine,
@@ -599,7 +600,15 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
             judge=eval_judge,
             progress=False,
             policy_version=at_step,
+            shard=(jax.process_index(), jax.process_count()),
         )
+        if jax.process_count() > 1:
+            log.info(
+                "Evaluated %d of the %d questions on this process.",
+                len(result.records) // result.num_samples,
+                len(eval_examples),
+            )
+            result = evaluation.merge_shards(_allgather_objects(result))
         eval_metrics = {f"{prefix}/{k}": v for k, v in result.metrics.items()}
         writer.write(at_step, eval_metrics)
         if is_main:

@@ -53,7 +53,13 @@ def get_config(arg=None):
     c.sandbox.authorized_imports = "collections,datetime,json,math,pandas,re,statistics"
 
     c.sft.enabled = True
-    c.sft.num_demos = 1024
+    # A cold start on few demonstrations, fitted closely (~39 passes; last batch loss 0.01-0.08):
+    # measured on 3 seeds, 128 demonstrations gave 13-41% held-out after SFT where 1024 (~5
+    # passes, loss 0.2-0.45) gave 8-28%, and GRPO gained more on top (+3 to +6 points against 0
+    # to +3): the
+    # sharper policy samples more correct episodes to learn from (9-47% in the first GRPO steps,
+    # against 7-18%).
+    c.sft.num_demos = 128
     c.sft.num_steps = 300
     c.sft.batch_size = 16
     c.sft.lr = 5e-3

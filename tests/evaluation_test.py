@@ -362,6 +362,16 @@ class LenientJudge(judge_lib.Judge):
         return judge_lib.Verdict(1.0, f"{prediction} looks fine")
 
 
+AGENT_CONFIG = rollout.AgentConfig(
+    system_prompt_template=SYSTEM_TEMPLATE,
+    max_turns=3,
+    max_total_tokens=MAX_LEN,
+    max_new_tokens_per_turn=64,
+    observation_max_chars=500,
+    decode_chunk_steps=8,
+)
+
+
 async def test_evaluate_runs_grades_and_judges_every_episode(tmp_path, capsys):
     tokenizer = tokenizer_lib.load_tokenizer(helpers.make_chatml_tokenizer_dir(tmp_path))
     examples = [
@@ -369,14 +379,7 @@ async def test_evaluate_runs_grades_and_judges_every_episode(tmp_path, capsys):
         types.Example("b", "What is 2 + 4?", "6", 1),
         types.Example("c", "What is 2 + 7?", "9", 2),
     ]
-    config = rollout.AgentConfig(
-        system_prompt_template=SYSTEM_TEMPLATE,
-        max_turns=3,
-        max_total_tokens=MAX_LEN,
-        max_new_tokens_per_turn=64,
-        observation_max_chars=500,
-        decode_chunk_steps=8,
-    )
+    config = AGENT_CONFIG
     system = prompt.render_system_prompt(SYSTEM_TEMPLATE, [add], ())
     openings = [
         prompt.build_messages(system, prompt.render_task(config.task_template, e.question))
@@ -442,14 +445,7 @@ async def test_shards_merge_to_the_unsharded_evaluation(tmp_path):
     examples = [
         types.Example(t, f"What is 2 + {i}?", str(2 + i), 1 + i % 2) for i, t in enumerate("abcde")
     ]
-    config = rollout.AgentConfig(
-        system_prompt_template=SYSTEM_TEMPLATE,
-        max_turns=2,
-        max_total_tokens=MAX_LEN,
-        max_new_tokens_per_turn=16,
-        observation_max_chars=200,
-        decode_chunk_steps=8,
-    )
+    config = AGENT_CONFIG
     model_config = helpers.tiny_model_config()
     engine = engine_lib.Engine(random_transformer(model_config), num_slots=4, max_len=MAX_LEN)
     sampling = engine_lib.SamplingParams(max_new_tokens=1, temperature=1.0, seed=5)
@@ -492,18 +488,6 @@ async def test_shards_merge_to_the_unsharded_evaluation(tmp_path):
         assert merged.metrics["wall_s"] == max(p.metrics["wall_s"] for p in parts)
     with pytest.raises(ValueError, match="not the"):
         evaluation.merge_shards(shares[2][::-1])
-    with pytest.raises(ValueError, match="0 <= index < count"):
-        await evaluation.evaluate(
-            examples,
-            engine=engine,
-            tokenizer=tokenizer,
-            pool=None,
-            tools=[add],
-            agent_config=config,
-            sampling=sampling,
-            num_samples=1,
-            shard=(2, 2),
-        )
 
 
 async def test_evaluate_rejects_bad_arguments():
@@ -529,6 +513,9 @@ async def test_evaluate_rejects_bad_arguments():
         await evaluation.evaluate([example], **{**kw, "num_samples": 0})
     with pytest.raises(TypeError, match="must be Examples"):
         await evaluation.evaluate(["a"], **kw)
+    for shard in ((2, 2), (-1, 2)):
+        with pytest.raises(ValueError, match="0 <= index < count"):
+            await evaluation.evaluate([example], **{**kw, "shard": shard})
     with pytest.raises(ValueError, match=r"tools \['add'\] differ from the sandbox pool's"):
         await evaluation.evaluate([example], **{**kw, "tools": [add]})
 

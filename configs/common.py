@@ -275,6 +275,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.every_steps = 10
     c.ckpt.max_to_keep = 3
+    # Keep step 0 (the cold-start SFT result) past max_to_keep, to start GRPO runs from it
+    # (`ckpt.resume_from=<workdir>/checkpoints/0`).
+    c.ckpt.keep_sft = True
     c.ckpt.resume_from = ""
     c.ckpt.export_hf = True  # write a Hugging Face export at the end of training
 

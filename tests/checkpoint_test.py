@@ -34,6 +34,21 @@ def test_round_trip_keeps_last_n(tmp_path):
     _assert_tree_equal(state, _state(3))
 
 
+def test_keep_steps_survive_the_last_n(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2, keep_steps=(0,))
+    for step in range(5):
+        ckpt.save(step, _state(step), {"step": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [0, 3, 4]
+    ckpt.close()
+    # A resume reads the newest; step 0 restores on its own (as `ckpt.resume_from` does).
+    step, _, _ = checkpoint.Checkpointer(str(tmp_path / "ckpt")).restore_latest(_state(0))
+    assert step == 4
+    step, state, meta = checkpoint.restore_from(str(tmp_path / "ckpt" / "0"), _state(0))
+    assert (step, meta) == (0, {"step": 0})
+    _assert_tree_equal(state, _state(0))
+
+
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     directory = tmp_path / "ckpt"
     ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=3)

@@ -23,7 +23,10 @@ def test_demo_short_sft_then_grpo(tmp_path):
     workdir = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        helpers.train_cmd("demo.py:short", workdir, tmp_path / "tfds"),
+        # Keeping one checkpoint shows that the SFT result (step 0) is kept past max_to_keep.
+        helpers.train_cmd(
+            "demo.py:short", workdir, tmp_path / "tfds", "--config.ckpt.max_to_keep=1"
+        ),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -48,3 +51,5 @@ def test_demo_short_sft_then_grpo(tmp_path):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (workdir / "export" / name).is_file()
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [0, 2]

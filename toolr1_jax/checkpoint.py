@@ -2,7 +2,8 @@
 
 A checkpoint is two items: `state`, a pytree of arrays (params, optimizer state, the queue's device
 arrays, the RNG key), and `meta`, a JSON dict of host state (step, data position, question
-statistics, counters). Saving is asynchronous; the last `max_to_keep` checkpoints are kept.
+statistics, counters). Saving is asynchronous; the last `max_to_keep` checkpoints are kept, and
+those of `keep_steps`.
 With several processes every one saves and restores (arrays must be global: each writes its own
 shards) and orbax lets process 0 alone write the JSON and commit markers.
 Restoring walks back from the newest step until one restores cleanly, so a checkpoint that a crash
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,12 +34,26 @@ def _abstract(tree):
 
 
 class Checkpointer:
-    """Keeps the last `max_to_keep` checkpoints of a run under `directory`."""
+    """Keeps the last `max_to_keep` checkpoints of a run under `directory`, and those of
+    `keep_steps` (the trainer keeps step 0 after cold-start SFT, the start of GRPO ablations)."""
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int = 3,
+        keep_steps: Sequence[int] = (),
+        async_save: bool = True,
+    ):
         self.directory = os.path.abspath(directory)
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(max_to_keep),
+                ocp.checkpoint_managers.CustomSteps(list(keep_steps)),
+            ]
+        )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=True,
         )

@@ -498,7 +498,9 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
     step, counters = 0, {"fresh_episodes": 0, "replayed_episodes": 0, "tokens": 0}
 
     ckpt = checkpoint.Checkpointer(
-        str(workdir / "checkpoints"), max_to_keep=config.ckpt.max_to_keep
+        str(workdir / "checkpoints"),
+        max_to_keep=config.ckpt.max_to_keep,
+        keep_steps=(0,) if config.sft.enabled and config.ckpt.keep_sft else (),
     )
 
     def ckpt_state():

@@ -55,10 +55,9 @@ def get_config(arg=None):
     c.sft.enabled = True
     # A cold start on few demonstrations, fitted closely (~39 passes; last batch loss 0.01-0.08):
     # measured on 3 seeds, 128 demonstrations gave 13-41% held-out after SFT where 1024 (~5
-    # passes, loss 0.2-0.45) gave 8-28%, and GRPO gained more on top (+3 to +6 points against 0
-    # to +3): the
-    # sharper policy samples more correct episodes to learn from (9-47% in the first GRPO steps,
-    # against 7-18%).
+    # passes, loss 0.2-0.45) gave 8-28%, and GRPO gained more on top (+3 to +6 points against
+    # 0 to +3): the sharper policy samples more correct episodes to learn from (9-47% in the
+    # first GRPO steps, against 7-18%).
     c.sft.num_demos = 128
     c.sft.num_steps = 300
     c.sft.batch_size = 16

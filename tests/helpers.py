@@ -16,9 +16,9 @@ import transformers
 from toolr1_jax.models import model as model_lib
 from toolr1_jax.models import tokenizer as tokenizer_lib
 
-# Special token ids of the tokenizer below; the model fixtures use them for eos/pad.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# Special token ids of the tokenizer below; the model fixtures use them for eos/pad.
 ENDOFTEXT_ID = 0
 IM_START_ID = 1
 IM_END_ID = 2

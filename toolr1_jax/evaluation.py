@@ -289,7 +289,7 @@ async def evaluate(
             f"{sorted(pool_names)}"
         )
 
-    mine = range(index, len(examples), count)
+    mine = _share(len(examples), index, count)
 
     graded: dict[int, list[EvalRecord]] = {}
     bar = tqdm.tqdm(
@@ -341,6 +341,11 @@ async def evaluate(
     return EvalResult(metrics, records, num_samples, judge is not None)
 
 
+def _share(num_examples: int, index: int, count: int) -> range:
+    """The example positions of share `index` of `count`: every count-th, from `index`."""
+    return range(index, num_examples, count)
+
+
 def merge_shards(shards: Sequence[EvalResult]) -> EvalResult:
     """One result from every share of `evaluate(..., shard=(i, len(shards)))`, in share order.
 
@@ -355,12 +360,18 @@ def merge_shards(shards: Sequence[EvalResult]) -> EvalResult:
         raise ValueError("merge_shards: the shares differ in num_samples or judging")
     groups = [[s.records[j : j + n] for j in range(0, len(s.records), n)] for s in shards]
     num_examples = sum(len(g) for g in groups)
-    if [len(g) for g in groups] != [len(range(i, num_examples, count)) for i in range(count)]:
+    shares = [_share(num_examples, i, count) for i in range(count)]
+    if [len(g) for g in groups] != [len(share) for share in shares]:
         raise ValueError(
             f"merge_shards: shares of {[len(g) for g in groups]} questions are not the "
             f"({count}-way, in order) split of {num_examples} questions"
         )
-    records = tuple(r for i in range(num_examples) for r in groups[i % count][i // count])
+    by_example = {
+        i: g
+        for share, gs in zip(shares, groups, strict=True)
+        for i, g in zip(share, gs, strict=True)
+    }
+    records = tuple(r for i in range(num_examples) for r in by_example[i])
     metrics = compute_metrics(records, num_samples=n, judged=shards[0].judged)
     for key in ("wall_s", "time/engine_s", "time/sandbox_s"):
         metrics[key] = max(s.metrics[key] for s in shards)

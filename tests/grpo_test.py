@@ -310,3 +310,36 @@ def test_sums_over_row_splits_give_the_full_batch_loss(aggregation):
     ]
     np.testing.assert_allclose(sum(p[0] for p in parts), s, rtol=1e-6)
     np.testing.assert_allclose(sum(p[1] for p in parts), d, rtol=0)
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("kl_estimator", grpo.KL_ESTIMATORS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_masked_log_differences_of_1e4_leave_loss_and_gradient_finite(
+    aggregation, kl_estimator, sign
+):
+    # float32 exp overflows above ~88: a masked position holding a log-difference of +-1e4
+    # (a reference model or a stale pi_prox on prompt or observation tokens) must change
+    # nothing, in value or gradient.
+    logp, prox, beh, ref, adv, mask = random_inputs(4)
+    masked = mask == 0
+    far = sign * 1e4
+    # Every log-difference the loss forms is +-1e4 at the masked positions.
+    prox_far = np.where(masked, logp - far, prox).astype(np.float32)
+    beh_far = np.where(masked, prox_far - far, beh).astype(np.float32)
+    ref_far = np.where(masked, logp + far, ref).astype(np.float32)
+    kw = dict(beta=0.1, kl_estimator=kl_estimator, aggregation=aggregation)
+
+    def loss(lp, p, b, r):
+        return jax_loss(lp, p, b, r, adv, mask, **kw)[0]
+
+    value, grad = jax.value_and_grad(loss)(logp, prox_far, beh_far, ref_far)
+    _, metrics = jax_loss(logp, prox_far, beh_far, ref_far, adv, mask, **kw)
+    assert np.isfinite(value)
+    assert np.all(np.isfinite(grad)) and np.all(grad[masked] == 0.0)
+    for k, v in metrics.items():
+        assert np.isfinite(v), k
+    # The masked positions do not matter: the same loss and gradient as with ordinary values.
+    want_value, want_grad = jax.value_and_grad(loss)(logp, prox, beh, ref)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9)

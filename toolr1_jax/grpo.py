@@ -185,13 +185,14 @@ def sequence_logprobs(
     return lp if stat is None else (lp, values)
 
 
-def kl_penalty(logp, ref_logp, estimator: str):
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples; k1 is deliberately absent."""
+def kl_penalty(log_ref_ratio, estimator: str):
+    """Per-token estimate of KL(pi_theta || pi_ref) from `log_ref_ratio = ref_logp - logp` of
+    sampled tokens; k1 is deliberately absent."""
+    d = log_ref_ratio
     if estimator == "k3":
-        d = ref_logp - logp
         return jnp.expm1(d) - d  # exp(d) - 1 - d without the cancellation of exp(d) - 1
     if estimator == "k2":
-        return 0.5 * jnp.square(logp - ref_logp)
+        return 0.5 * jnp.square(d)
     raise ValueError(f"Unknown kl_estimator {estimator!r}; expected one of {KL_ESTIMATORS}.")
 
 
@@ -259,16 +260,22 @@ def grpo_loss(
     behaviour_logp = behaviour_logp.astype(f32)
     mask = mask.astype(f32)
 
-    ratio = jnp.exp(logp - prox_logp)
+    # Masked positions (prompt, observations, padding) may hold arbitrary log-probs: a reference
+    # model or a stale pi_prox can put a log-difference above ~88 there, where float32 exp
+    # overflows and the mask's 0 x inf turns the loss and its gradient NaN. Every
+    # log-difference is therefore zeroed outside the mask *before* it is exponentiated; `where`
+    # also sends zero gradient to the branch it does not take.
+    valid = mask > 0
+    ratio = jnp.exp(jnp.where(valid, logp - prox_logp, 0.0))
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = jnp.maximum(-advantages * ratio, -advantages * clipped)
-    # Masked positions may hold arbitrary log-probs; zero their weight before exp overflows.
-    log_w = jnp.where(mask > 0, prox_logp - behaviour_logp, 0.0)
+    log_w = jnp.where(valid, prox_logp - behaviour_logp, 0.0)
     is_weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), is_cap))
     per_token = is_weight * pg
     kl = None
     if ref_logp is not None:
-        kl = kl_penalty(logp, jax.lax.stop_gradient(ref_logp.astype(f32)), kl_estimator)
+        ref_logp = jax.lax.stop_gradient(ref_logp.astype(f32))
+        kl = kl_penalty(jnp.where(valid, ref_logp - logp, 0.0), kl_estimator)
         if beta > 0:
             per_token = per_token + beta * kl
 
@@ -288,7 +295,6 @@ def grpo_loss(
     def mean(v):
         return jax.lax.stop_gradient((v * mask).sum() / n)
 
-    valid = mask > 0
     ratio_sg = jax.lax.stop_gradient(ratio)
     metrics = {
         "num_tokens": num_tokens,

@@ -102,9 +102,12 @@ def data_source(
     """A lazily decoded, random-access view of a split, backed by TFDS's ArrayRecord source."""
     b = builder(dataset, data_dir=data_dir, manual_dir=manual_dir, config=config)
     if split not in b.info.splits:
+        hint = ""
+        if dataset == "gaia":
+            hint = " " + gaia.missing_split_hint(split, b.data_dir, manual_dir, b.builder_config)
         raise ValueError(
             f"Dataset {dataset!r} (config {b.builder_config.name!r}) has no split {split!r}; "
-            f"available: {sorted(b.info.splits)}"
+            f"available: {sorted(b.info.splits)}.{hint}"
         )
     return ExampleSource(b.as_data_source(split=split))
 

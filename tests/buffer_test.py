@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from toolr1_jax import buffer, checkpoint, sharding
-from toolr1_jax.agent import trajectory as trajectory_lib
+from toolr1_jax.data import types as data_types
 
 MAX_LEN = 8
 
@@ -13,7 +13,7 @@ MAX_LEN = 8
 def traj(reward, version=0, n=6, seed=0, task="q", replayed=False):
     rng = np.random.default_rng(seed)
     loss_mask = (np.arange(n) >= 2).astype(np.int32)
-    return trajectory_lib.Trajectory(
+    return data_types.Trajectory(
         task_id=task,
         group_id=seed,
         tokens=rng.integers(0, 100, n).astype(np.int32),
@@ -21,7 +21,7 @@ def traj(reward, version=0, n=6, seed=0, task="q", replayed=False):
         behaviour_logprobs=(-rng.uniform(0.1, 2.0, n) * loss_mask).astype(np.float32),
         prompt_len=2,
         policy_version=version,
-        turns=(trajectory_lib.Turn("Thought: x", "print(1)", "1", "ok", 0.5),),
+        turns=(data_types.Turn("Thought: x", "print(1)", "1", "ok", 0.5),),
         final_answer=f"answer-{seed}",
         status="answered",
         reward=reward,

@@ -22,7 +22,6 @@ from tests import helpers
 from toolr1_jax import engine as engine_lib
 from toolr1_jax import evaluation
 from toolr1_jax.agent import prompt, rollout
-from toolr1_jax.agent import trajectory as trajectory_lib
 from toolr1_jax.data import types
 from toolr1_jax.models import model as model_lib
 from toolr1_jax.models import tokenizer as tokenizer_lib
@@ -48,7 +47,7 @@ def add(a: int, b: int) -> int:
 def make_traj(task_id, group_id, turns, final_answer, status, prompt_len=5, num_sampled=3):
     n = prompt_len + num_sampled
     mask = np.array([0] * prompt_len + [1] * num_sampled, np.int32)
-    return trajectory_lib.Trajectory(
+    return types.Trajectory(
         task_id=task_id,
         group_id=group_id,
         tokens=np.arange(n, dtype=np.int32),
@@ -63,9 +62,7 @@ def make_traj(task_id, group_id, turns, final_answer, status, prompt_len=5, num_
 
 
 def code_turn(code, status, observation="Observation:\nok"):
-    return trajectory_lib.Turn(
-        f"Thought: run it.\n<code>\n{code}\n</code>", code, observation, status
-    )
+    return types.Turn(f"Thought: run it.\n<code>\n{code}\n</code>", code, observation, status)
 
 
 Q1 = types.Example("q1", "What is 2 + 3? <script>alert(1)</script>", "5", 1)
@@ -74,9 +71,7 @@ Q2 = types.Example("q2", "Name two capitals.", "Paris, Rome", 2, files={"notes.t
 
 def hand_built_records():
     """Two questions, three samples each, covering every status and verdict kind."""
-    no_code = trajectory_lib.Turn(
-        "I think it is 6.\x07", None, "Observation:\nformat", "parse_error"
-    )
+    no_code = types.Turn("I think it is 6.\x07", None, "Observation:\nformat", "parse_error")
     episodes = [
         (Q1, ["x = add(2, 3)\nprint(x)", "final_answer(x)"], ["ok", "ok"], "5", "answered"),
         (Q1, [no_code, "final_answer(6)"], ["parse_error", "ok"], "6", "answered"),
@@ -88,7 +83,7 @@ def hand_built_records():
     records = []
     for i, (ex, codes, statuses, answer, status) in enumerate(episodes):
         turns = [
-            c if isinstance(c, trajectory_lib.Turn) else code_turn(c, s)
+            c if isinstance(c, types.Turn) else code_turn(c, s)
             for c, s in zip(codes, statuses, strict=True)
         ]
         traj = make_traj(ex.task_id, 0 if ex is Q1 else 1, turns, answer, status)

@@ -6,20 +6,20 @@ import socket
 import numpy as np
 import pytest
 
-from toolr1_jax.agent import trajectory as trajectory_lib
+from toolr1_jax.data import types as data_types
 from toolr1_jax.rewards import judge as judge_lib
 from toolr1_jax.rewards import reward as reward_lib
 
 
 def _turn(status, code="print(1)"):
-    return trajectory_lib.Turn(
+    return data_types.Turn(
         text="Thought: go\n<code>...</code>", code=code, observation="1", exec_status=status
     )
 
 
 def _traj(final_answer, statuses, task_id="t1", member=0):
     n = 6
-    return trajectory_lib.Trajectory(
+    return data_types.Trajectory(
         task_id=task_id,
         group_id=member,
         tokens=np.arange(n, dtype=np.int32),

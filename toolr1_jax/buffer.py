@@ -28,7 +28,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from toolr1_jax.agent import trajectory as trajectory_lib
+from toolr1_jax.data import types as data_types
 
 _INT_MAX = np.iinfo(np.int32).max
 
@@ -140,10 +140,10 @@ class Plan:
     """What a group of `num_fresh + len(replays)` episodes for one question is made of."""
 
     num_fresh: int
-    replays: tuple[trajectory_lib.Trajectory, ...]
+    replays: tuple[data_types.Trajectory, ...]
 
 
-def _meta(t: trajectory_lib.Trajectory) -> dict:
+def _meta(t: data_types.Trajectory) -> dict:
     return {
         "task_id": t.task_id,
         "group_id": t.group_id,
@@ -355,7 +355,7 @@ class SampleQueue:
     def _key(self):
         return jax.random.key(int(self._rng.integers(2**31)))
 
-    def _replays(self, slots, ok) -> list[trajectory_lib.Trajectory]:
+    def _replays(self, slots, ok) -> list[data_types.Trajectory]:
         slots = np.asarray(slots)[np.asarray(ok)]
         if slots.size == 0:
             return []
@@ -365,7 +365,7 @@ class SampleQueue:
             n = int(rows.length[j])
             meta = self.slot_meta[slot]
             out.append(
-                trajectory_lib.Trajectory(
+                data_types.Trajectory(
                     task_id=meta["task_id"],
                     group_id=meta["group_id"],
                     tokens=rows.tokens[j, :n].copy(),
@@ -373,7 +373,7 @@ class SampleQueue:
                     behaviour_logprobs=rows.behaviour_logprobs[j, :n].copy(),
                     prompt_len=int(rows.prompt_len[j]),
                     policy_version=int(rows.version[j]),
-                    turns=tuple(trajectory_lib.Turn(**t) for t in meta["turns"]),
+                    turns=tuple(data_types.Turn(**t) for t in meta["turns"]),
                     final_answer=meta["final_answer"],
                     status=meta["status"],
                     reward=float(rows.reward[j]),
@@ -400,7 +400,7 @@ class SampleQueue:
     def insert(
         self,
         question: int,
-        trajectories: Sequence[trajectory_lib.Trajectory],
+        trajectories: Sequence[data_types.Trajectory],
         policy_version: int,
     ) -> int:
         """Offers scored fresh trajectories; returns how many were cached.
@@ -452,9 +452,9 @@ class SampleQueue:
     def restore_signal(
         self,
         question: int,
-        trajectories: Sequence[trajectory_lib.Trajectory],
+        trajectories: Sequence[data_types.Trajectory],
         policy_version: int,
-    ) -> list[trajectory_lib.Trajectory]:
+    ) -> list[data_types.Trajectory]:
         """For a group whose rewards are all equal, swaps its last fresh episode for a cached
         trajectory of the question with a different reward, so the group has signal again.
 

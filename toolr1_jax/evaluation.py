@@ -25,7 +25,6 @@ import tqdm
 
 from toolr1_jax import engine as engine_lib
 from toolr1_jax.agent import rollout
-from toolr1_jax.agent import trajectory as trajectory_lib
 from toolr1_jax.data import types as data_types
 from toolr1_jax.rewards import gaia_scorer
 from toolr1_jax.rewards import judge as judge_lib
@@ -47,7 +46,7 @@ class EvalRecord:
 
     example: data_types.Example
     sample: int  # index of this episode among its question's samples
-    trajectory: trajectory_lib.Trajectory
+    trajectory: data_types.Trajectory
     correct: bool
     num_tool_calls: int  # calls of the agent's tools (final_answer excluded) in code that ran
     judge_score: float | None = None
@@ -106,7 +105,7 @@ def count_tool_calls(code: str, tool_names: Iterable[str]) -> int:
     )
 
 
-def _code_ran(turn: trajectory_lib.Turn) -> bool:
+def _code_ran(turn: data_types.Turn) -> bool:
     return turn.code is not None and turn.exec_status not in (None, "parse_error")
 
 
@@ -204,7 +203,7 @@ def compute_metrics(
 def grade(
     example: data_types.Example,
     sample: int,
-    traj: trajectory_lib.Trajectory,
+    traj: data_types.Trajectory,
     tool_names: Iterable[str],
 ) -> EvalRecord:
     """The episode's record: GAIA's scorer on its final answer and its calls to `tool_names`."""
@@ -528,7 +527,7 @@ def _format_metric(value: Any) -> str:
     return _esc(value)
 
 
-def _thought(turn: trajectory_lib.Turn) -> str:
+def _thought(turn: data_types.Turn) -> str:
     """The turn's text before its code block (all of it when the turn had no code)."""
     if turn.code is None:
         return turn.text

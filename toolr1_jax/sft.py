@@ -23,7 +23,6 @@ from flax import nnx
 from toolr1_jax import grpo, update
 from toolr1_jax.agent import parse, prompt
 from toolr1_jax.agent import rollout as rollout_lib
-from toolr1_jax.agent import trajectory as trajectory_lib
 from toolr1_jax.data import types as data_types
 from toolr1_jax.rewards import gaia_scorer
 
@@ -61,7 +60,7 @@ async def demonstrations(
     pool,
     agent_config: rollout_lib.AgentConfig,
     max_open_sessions: int | None = None,
-) -> tuple[list[trajectory_lib.Trajectory], dict[str, int]]:
+) -> tuple[list[data_types.Trajectory], dict[str, int]]:
     """Plays each example's reference solution as an episode; returns `(demos, skipped)`.
 
     The assistant's turns are `format_turn(thought, code)` for the example's
@@ -104,7 +103,7 @@ async def demonstrations(
             return await _play(index, example, turns, system_prompt, tokenizer, pool, agent_config)
 
     results = await asyncio.gather(*(one(i, e) for i, e in enumerate(examples)))
-    demos = [r for r in results if isinstance(r, trajectory_lib.Trajectory)]
+    demos = [r for r in results if isinstance(r, data_types.Trajectory)]
     skipped = collections.Counter()
     for example, r in zip(examples, results, strict=True):
         if isinstance(r, _Skip):
@@ -169,7 +168,7 @@ async def _play(index, example, turns, system_prompt, tokenizer, pool, config):
                         f"turn {k}/{len(turns)} answered {result.final_answer!r}, "
                         f"expected {example.answer!r}",
                     )
-                records.append(trajectory_lib.Turn(text, code, "", "ok", result.duration_s))
+                records.append(data_types.Turn(text, code, "", "ok", result.duration_s))
                 final_answer = result.final_answer
                 break
             observation = prompt.render_observation(
@@ -181,10 +180,10 @@ async def _play(index, example, turns, system_prompt, tokenizer, pool, config):
                 return _Skip("too_long", f"the observation after turn {k} fills the budget")
             tokens += delta
             loss_mask += [0] * len(delta)
-            records.append(trajectory_lib.Turn(text, code, observation, "ok", result.duration_s))
+            records.append(data_types.Turn(text, code, observation, "ok", result.duration_s))
     finally:
         await session.close()
-    return trajectory_lib.Trajectory(
+    return data_types.Trajectory(
         task_id=example.task_id,
         group_id=index,
         tokens=np.asarray(tokens, np.int32),
@@ -319,7 +318,7 @@ def make_sft_step(
 
 
 def make_sft_batch(
-    trajectories: Sequence[trajectory_lib.Trajectory], *, batch_size: int, max_len: int
+    trajectories: Sequence[data_types.Trajectory], *, batch_size: int, max_len: int
 ) -> update.Batch:
     """Right-pads up to `batch_size` trajectories to a host `update.Batch` [batch_size, max_len].
 
@@ -360,7 +359,7 @@ def _shuffled(n: int, seed: int) -> Iterator[int]:
 
 
 def run_sft(
-    demos: Sequence[trajectory_lib.Trajectory],
+    demos: Sequence[data_types.Trajectory],
     *,
     graphdef,
     state,

@@ -31,7 +31,6 @@ import numpy as np
 
 from toolr1_jax import engine as engine_lib
 from toolr1_jax.agent import parse, prompt
-from toolr1_jax.agent import trajectory as trajectory_lib
 from toolr1_jax.data import types as data_types
 
 _log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ class Group:
 
     group_id: int
     example: data_types.Example
-    trajectories: tuple[trajectory_lib.Trajectory, ...]
+    trajectories: tuple[data_types.Trajectory, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +182,7 @@ class _GroupState:
     def __init__(self, request: GroupRequest, prompt_ids: list[int]):
         self.request = request
         self.prompt_ids = prompt_ids
-        self.trajectories: list[trajectory_lib.Trajectory | None] = [None] * request.num_episodes
+        self.trajectories: list[data_types.Trajectory | None] = [None] * request.num_episodes
         self.remaining = request.num_episodes
 
 
@@ -197,7 +196,7 @@ class _Episode:
         self.tokens: list[int] = list(group.prompt_ids)
         self.loss_mask: list[int] = [0] * len(self.tokens)
         self.logprobs: list[float] = [0.0] * len(self.tokens)
-        self.turns: list[trajectory_lib.Turn] = []
+        self.turns: list[data_types.Turn] = []
         self.slot: int | None = None
         self.session = None
         self.deadline = math.inf
@@ -487,7 +486,7 @@ class _Rollout:
         text = self.tokenizer.decode(generated[:n])
         parsed = parse.parse_turn(text, accept_text_answer=self.config.accept_text_answer)
         if out.finish_reason == "length":
-            ep.turns.append(trajectory_lib.Turn(text, parsed.code, "", None))
+            ep.turns.append(data_types.Turn(text, parsed.code, "", None))
             self._finish(ep, "max_tokens")
         elif parsed.code is not None:
             ep.ran_code = True
@@ -498,7 +497,7 @@ class _Rollout:
             self.tool_tasks.add(task)
             task.add_done_callback(self._tool_done)
         elif parsed.text_answer is not None:
-            ep.turns.append(trajectory_lib.Turn(text, None, "", None))
+            ep.turns.append(data_types.Turn(text, None, "", None))
             self._finish(ep, "answered", final_answer=parsed.text_answer)
         else:
             self.counts["format_errors"] += 1
@@ -517,15 +516,11 @@ class _Rollout:
             remaining = ep.deadline - t0
             result = await asyncio.wait_for(self._exec(ep, code), max(remaining, 0.0))
         except asyncio.TimeoutError:
-            ep.turns.append(
-                trajectory_lib.Turn(text, code, "", "timeout", time.perf_counter() - t0)
-            )
+            ep.turns.append(data_types.Turn(text, code, "", "timeout", time.perf_counter() - t0))
             self._finish(ep, "timeout")
             return
         except Exception as e:  # the sandbox itself failed, not the program
-            ep.turns.append(
-                trajectory_lib.Turn(text, code, "", "crashed", time.perf_counter() - t0)
-            )
+            ep.turns.append(data_types.Turn(text, code, "", "crashed", time.perf_counter() - t0))
             _log.warning(
                 "sandbox failure in episode %s/%d: %r",
                 ep.group.request.example.task_id,
@@ -537,7 +532,7 @@ class _Rollout:
         finally:
             self.times["sandbox"] += time.perf_counter() - t0
         if result.final_answer is not None:
-            ep.turns.append(trajectory_lib.Turn(text, code, "", result.status, result.duration_s))
+            ep.turns.append(data_types.Turn(text, code, "", result.status, result.duration_s))
             self._finish(ep, "answered", final_answer=result.final_answer)
             return
         body = result.observation(self.config.observation_max_chars)
@@ -551,17 +546,17 @@ class _Rollout:
     def _observe(self, ep, text, code, exec_status, body, duration_s) -> None:
         """Ends the turn with an observation, unless a limit ends the episode first."""
         if len(ep.turns) + 1 >= self.config.max_turns:
-            ep.turns.append(trajectory_lib.Turn(text, code, "", exec_status, duration_s))
+            ep.turns.append(data_types.Turn(text, code, "", exec_status, duration_s))
             self._finish(ep, "max_turns" if ep.ran_code else "parse_error")
             return
         observation = prompt.render_observation(body)
         delta = self._delta(ep, observation)
         # Room for the delta plus at least one sampled token.
         if len(ep.tokens) + len(delta) >= self.config.max_total_tokens:
-            ep.turns.append(trajectory_lib.Turn(text, code, "", exec_status, duration_s))
+            ep.turns.append(data_types.Turn(text, code, "", exec_status, duration_s))
             self._finish(ep, "max_tokens")
             return
-        ep.turns.append(trajectory_lib.Turn(text, code, observation, exec_status, duration_s))
+        ep.turns.append(data_types.Turn(text, code, observation, exec_status, duration_s))
         ep.pending = delta
         if ep.slot is None:
             self.returning.append(ep)
@@ -599,7 +594,7 @@ class _Rollout:
         if ep.session is not None:
             self.close_tasks.add(asyncio.create_task(ep.session.close()))
         g = ep.group
-        g.trajectories[ep.index] = trajectory_lib.Trajectory(
+        g.trajectories[ep.index] = data_types.Trajectory(
             task_id=g.request.example.task_id,
             group_id=g.request.group_id,
             tokens=np.asarray(ep.tokens, np.int32),

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from toolr1_jax.agent import trajectory as trajectory_lib
+from toolr1_jax.data import types as data_types
 from toolr1_jax.rewards import judge as judge_lib
 
 
@@ -42,8 +42,8 @@ class DroppedGroup:
 
 
 def score_trajectory(
-    traj: trajectory_lib.Trajectory, judge_score: float | None, config: RewardConfig
-) -> trajectory_lib.Trajectory:
+    traj: data_types.Trajectory, judge_score: float | None, config: RewardConfig
+) -> data_types.Trajectory:
     """`traj` with `reward` and `reward_components` filled.
 
     `judge_score` is the judge's score of `traj.final_answer`; it must be None exactly when the
@@ -86,13 +86,13 @@ def score_trajectory(
 
 
 async def score_group(
-    trajectories: Sequence[trajectory_lib.Trajectory],
+    trajectories: Sequence[data_types.Trajectory],
     *,
     question: str,
     reference: str,
     judge: judge_lib.Judge,
     config: RewardConfig,
-) -> tuple[trajectory_lib.Trajectory, ...] | DroppedGroup:
+) -> tuple[data_types.Trajectory, ...] | DroppedGroup:
     """Judges every answered member concurrently and scores the group.
 
     Returns the scored trajectories in order, or a `DroppedGroup` when any judgement failed with

@@ -325,7 +325,7 @@ def test_legacy_jsonl_with_lfs_pointer_attachments_is_refused_not_embedded(tmp_p
     assert "lfs pull" in message
 
 
-@pytest.mark.parametrize("level", ["?", "", None, "4", 0])
+@pytest.mark.parametrize("level", ["?", "", None, "4", "1.5"])
 def test_bad_level_names_the_task_and_file(tmp_path, level):
     manual = _write_release(tmp_path / "GAIA", splits=("validation",))
     path = manual / "2023" / "validation" / "metadata.parquet"

@@ -1,10 +1,12 @@
 r"""Evaluates a policy checkpoint on a split: accuracy, pass@k, agent statistics, report.
 
-  python evaluate.py --config=configs/gaia.py --model=/path/to/hf_dir --split=validation \
-      --num_samples=4 --output_dir=/tmp/eval
+  python evaluate.py --config=configs/gaia.py --config.data.manual_dir=~/data/gaia \
+      --model=/path/to/hf_dir --split=validation --num_samples=4 --output_dir=/tmp/eval
 
 Writes results.json, trajectories.jsonl and report.html into --output_dir (see
-toolr1_jax/evaluation.py). Any config key can be overridden as usual, e.g.
+toolr1_jax/evaluation.py). On GAIA's test split, whose answers are hidden, there is no accuracy:
+submission.jsonl is written instead, in the format GAIA's leaderboard takes. Any config key
+can be overridden as usual, e.g.
 `--config.data.num_eval=20 --config.reward.judge=openai --config.reward.judge_url=...`.
 """
 
@@ -43,15 +45,22 @@ def main(argv):
     split = _SPLIT.value or config.data.eval_split
     num_samples = _NUM_SAMPLES.value or config.log.num_eval_samples
 
+    dataset = build.dataset(config, for_eval=True)
     examples = build.examples(config, split, for_eval=True)
     if config.data.num_eval > 0:
         examples = examples[: config.data.num_eval]
+    answers_hidden = evaluation.answers_hidden(examples)
     logging.info(
-        "evaluating %s on %d %s examples, %d sample(s) each",
+        "evaluating %s on %d %s examples of %s (config %s), %d sample(s) each%s",
         model_dir,
         len(examples),
         split,
+        dataset.name,
+        dataset.config,
         num_samples,
+        "; the answers are hidden: writing a submission file, no accuracy"
+        if answers_hidden
+        else "",
     )
 
     tokenizer = models.load_tokenizer(config.model.tokenizer or model_dir)
@@ -60,8 +69,9 @@ def main(argv):
         model, num_slots=config.engine.num_slots, max_len=config.engine.max_len
     )
     sampling = build.sampling(config, seed=config.seed, for_eval=True)
-    tools = build.tools(config)
-    judge = build.judge(config, for_eval=True)
+    tools = build.tools(config, for_eval=True)
+    # Hidden answers leave a judge nothing to compare with.
+    judge = None if answers_hidden else build.judge(config, for_eval=True)
 
     async def run():
         async with build.sandbox_pool(config, tools) as pool:
@@ -85,20 +95,24 @@ def main(argv):
     result = asyncio.run(run())
     run_info = {
         "model": os.path.abspath(model_dir),
-        "dataset": config.data.name,
+        "dataset": dataset.name,
+        "dataset_config": dataset.config,
+        "manual_dir": dataset.manual_dir,
         "split": split,
         "num_examples": len(examples),
         "num_samples": num_samples,
-        "judge": config.reward.judge,
+        "judge": config.reward.judge if judge is not None else "",
         "config": json.loads(config.to_json_best_effort()),
     }
     paths = evaluation.write_outputs(result, _OUTPUT_DIR.value, run_info=run_info)
     m = result.metrics
+    if not answers_hidden:
+        logging.info(
+            "accuracy %.4f, pass@%d %.4f", m["accuracy"], num_samples, m[f"pass@{num_samples}"]
+        )
     logging.info(
-        "accuracy %.4f, pass@%d %.4f, avg turns %.2f, tool-call rate %.3f, code-error rate %.3f",
-        m["accuracy"],
-        num_samples,
-        m[f"pass@{num_samples}"],
+        "answer rate %.3f, avg turns %.2f, tool-call rate %.3f, code-error rate %.3f",
+        m["answer_rate"],
         m["avg_turns"],
         m["tool_call_rate"],
         m["code_error_rate"],

@@ -204,6 +204,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.sandbox.search_corpus = ""  # "synthetic" = the synthetic suite's corpus; "" = no search tool
     c.sandbox.web_search_url = ""  # OpenAI-style web search backend; "" = web tools off
     c.sandbox.web_api_key_env = ""
+    # Images and audio/video attachments go to OpenAI-compatible model servers (base URLs ending
+    # in /v1): a vision-language chat model, and a speech-to-text /audio/transcriptions endpoint.
+    # "" = that tool is off (the policy is told so when it opens such a file).
+    c.sandbox.vision_url = ""
+    c.sandbox.vision_model = ""
+    c.sandbox.vision_api_key_env = ""  # environment variable holding the key; "" = no key
+    c.sandbox.transcription_url = ""
+    c.sandbox.transcription_model = "whisper-1"
+    c.sandbox.transcription_api_key_env = ""
+    c.sandbox.media_timeout_s = 120.0  # per request to either server
 
     c.reward = ml_collections.ConfigDict()
     c.reward.judge = "rule"  # rule | openai | local
@@ -265,7 +275,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.levels = ""  # comma-separated levels to keep; "" = all
     c.data.num_train = 0  # GRPO's questions: the first N training examples (0 = the whole split)
     c.data.num_eval = 64  # eval examples (0 = the whole split)
-    # Evaluation may read another dataset (e.g. train on a QA set, evaluate on GAIA).
+    # Training or evaluation may read another dataset than data.name (e.g. train on a QA set,
+    # evaluate on GAIA); the overrides take the same values as the data.* keys they replace.
+    c.data.train_name = ""  # "" = data.name
+    c.data.train_config = ""  # "" = data.config when train_name is "", else the builder's default
+    c.data.train_manual_dir = ""  # "" = data.manual_dir
+    # eval_name "auto": GAIA when a manual dir (eval_manual_dir or manual_dir) is given, else
+    # data.name (the debug variants: the synthetic suite unless a GAIA folder is passed).
     c.data.eval_name = ""  # "" = data.name
     c.data.eval_config = ""  # "" = data.config when eval_name is "", else the builder's default
     c.data.eval_manual_dir = ""  # "" = data.manual_dir

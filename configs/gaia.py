@@ -3,24 +3,38 @@ r"""Tool-R1 on GAIA: GRPO with the dynamic sample queue, Qwen2.5-7B-Instruct, an
 The paper's setting. Needs, on local disk:
   * the policy: `huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir ~/models/qwen2.5-7b`
     (then `model.init_from`);
-  * training questions (JSONL or parquet with question, answer, optional level and files) in
-    `data.manual_dir` (see toolr1_jax/data/qa.py);
-  * GAIA (gated on the Hugging Face hub: gaia-benchmark/GAIA) with its `2023/validation` folder in
-    `data.eval_manual_dir`;
+  * GAIA (gated on the Hugging Face hub: gaia-benchmark/GAIA), the folder holding `2023/` in
+    `data.manual_dir`:
+      huggingface-cli download gaia-benchmark/GAIA --repo-type dataset --local-dir ~/data/gaia
+  * for training, questions (JSONL or parquet with question, answer, optional level and files) in
+    `data.train_manual_dir` (see toolr1_jax/data/qa.py);
   * a judge: any OpenAI-compatible server, e.g. `python -m toolr1_jax.serve --model=DIR --port=8000`
-    or vLLM, at `reward.judge_url`.
+    or vLLM, at `reward.judge_url`;
+  * optionally, for image and audio/video attachments, OpenAI-compatible servers of a
+    vision-language model (`sandbox.vision_url`, `sandbox.vision_model`) and of a speech-to-text
+    model (`sandbox.transcription_url`); without them those tools say they are off.
 
   python train.py --config=configs/gaia.py --workdir=/tmp/toolr1_gaia \
       --config.reward.judge_url=http://localhost:8000/v1 --config.reward.judge_model=judge
+
+  python evaluate.py --config=configs/gaia.py --config.data.manual_dir=~/data/gaia \
+      --model=~/models/qwen2.5-7b --split=validation --output_dir=/tmp/gaia_val
+  (--split=test writes submission.jsonl for GAIA's leaderboard instead of an accuracy.)
 
 Variants (`configs/gaia.py:VARIANT`):
   debug   the same code path on a tiny from-scratch model and the embedded synthetic GAIA-format
           suite, on CPU in about two minutes:
             python train.py --config=configs/gaia.py:debug --workdir=/tmp/toolr1_debug
+          Given `--config.data.manual_dir=<GAIA folder>` it evaluates on GAIA instead of the
+          synthetic suite (data.eval_name="auto"), e.g. with evaluate.py and a small model.
   14b     Qwen2.5-14B-Instruct on an FSDP x tensor mesh.
 """
 
 from configs import common
+from toolr1_jax.sandbox import worker
+
+# GAIA's attachments include zip archives and xml files the policy may want to open itself.
+_GAIA_IMPORTS = ",".join((*worker.DEFAULT_AUTHORIZED_IMPORTS, "zipfile", "xml"))
 
 
 def get_config(arg=None):
@@ -46,6 +60,7 @@ def get_config(arg=None):
     c.agent.temperature = 1.0
     c.sandbox.num_workers = 16
     c.sandbox.timeout_s = 60.0
+    c.sandbox.authorized_imports = _GAIA_IMPORTS
 
     # Reward: an LLM judge of the final answer, plus code execution and format terms.
     c.reward.judge = "openai"
@@ -65,14 +80,16 @@ def get_config(arg=None):
     c.optim.warmup_steps = 10
     c.optim.num_microbatches = 16
 
-    # Data: the user's question set for training, GAIA validation for evaluation.
-    c.data.name = "qa"
-    c.data.manual_dir = "~/data/toolr1_train"
-    c.data.train_split = "train"
-    c.data.eval_name = "gaia"
-    c.data.eval_config = "2023_all"
+    # Data: GAIA (validation for evaluation; test for a leaderboard submission), and the user's
+    # question set for training.
+    c.data.name = "gaia"
+    c.data.config = "2023_all"
+    c.data.manual_dir = "~/data/gaia"
     c.data.eval_split = "validation"
-    c.data.eval_manual_dir = "~/data/gaia"
+    c.data.train_name = "qa"
+    c.data.train_config = "default"
+    c.data.train_manual_dir = "~/data/toolr1_train"
+    c.data.train_split = "train"
     c.data.num_eval = 0
 
     c.ckpt.every_steps = 10
@@ -101,11 +118,12 @@ def get_config(arg=None):
         c.optim.warmup_steps = 1
         c.optim.num_microbatches = 2
         c.data.name = "synthetic"
-        c.data.config = "default"
+        c.data.config = ""  # the builder's default, so that data.name=gaia needs no other key
         c.data.manual_dir = ""
-        c.data.eval_name = ""
-        c.data.eval_config = ""
-        c.data.eval_manual_dir = ""
+        c.data.train_name = ""
+        c.data.train_config = ""
+        c.data.train_manual_dir = ""
+        c.data.eval_name = "auto"  # GAIA when data.manual_dir is given
         c.data.num_eval = 4
         c.ckpt.every_steps = 1
         c.log.eval_every_steps = 3

@@ -4,6 +4,7 @@ arguments and frozen dataclasses the library takes (used by trainer.py, train.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from toolr1_jax.models import params as params_lib
 from toolr1_jax.rewards import judge as judge_lib
 from toolr1_jax.rewards import reward as reward_lib
 from toolr1_jax.sandbox import pool as pool_lib
-from toolr1_jax.tools import files, search, web
+from toolr1_jax.tools import files, media, search, web
 
 
 class ConfigError(ValueError):
@@ -35,40 +36,115 @@ def levels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
         raise ConfigError(f"data.levels must be comma-separated integers, got {text!r}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """The dataset a run reads for training or evaluation, with every default resolved."""
+
+    name: str  # one of pipeline.DATASETS
+    config: str  # the TFDS builder config
+    manual_dir: str | None  # the user's download (gaia, qa); None for the synthetic suite
+
+
+def dataset(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> Dataset:
+    """The training (or, `for_eval`, the evaluation) dataset the data.* keys select."""
+    d = config.data
+    role = "eval" if for_eval else "train"
+    name, builder_config = getattr(d, f"{role}_name"), getattr(d, f"{role}_config")
+    manual_dir = getattr(d, f"{role}_manual_dir") or d.manual_dir
+    keys = f"data.{role}_name/data.name"
+    if name == "auto" and for_eval:
+        name = "gaia" if manual_dir else ""
+        keys = f"data.eval_name='auto' ({'a manual dir is' if manual_dir else 'no manual dir'} set)"
+    config_key = f"data.{role}_config"
+    if not name or name == d.name:
+        if not builder_config:
+            builder_config, config_key = d.config, "data.config"
+        name = d.name
+    if name not in pipeline.DATASETS:
+        raise ConfigError(f"{keys}: unknown dataset {name!r}; expected one of {pipeline.DATASETS}.")
+    known = pipeline.builder_configs(name)
+    builder_config = builder_config or pipeline.DEFAULT_CONFIGS[name]
+    if known is not None and builder_config not in known:
+        raise ConfigError(
+            f"{config_key}={builder_config!r}: dataset {name!r} ({keys}) has no such builder "
+            f"config; set {config_key} to one of {known} (or '' for "
+            f"{pipeline.DEFAULT_CONFIGS[name]!r})."
+        )
+    if name == "synthetic":
+        if getattr(d, f"{role}_manual_dir") or (d.manual_dir and d.eval_name != "auto"):
+            # The synthetic suite is generated, so a folder given for it would be ignored.
+            raise ConfigError(
+                f"{keys} selects the synthetic suite, which reads no files, but a manual dir is "
+                f"set: to {'evaluate' if for_eval else 'train'} on GAIA there, set "
+                f"--config.data.{role}_name=gaia (or data.name=gaia)."
+            )
+        manual_dir = ""
+    return Dataset(name, builder_config, os.path.expanduser(manual_dir) if manual_dir else None)
+
+
 def examples(config: ml_collections.ConfigDict, split: str, *, for_eval: bool = False):
     """Every example of `split` of the training (or, `for_eval`, the evaluation) dataset.
 
     TFDS builds the dataset into `data.data_dir` on first use.
     """
-    d = config.data
-    name, builder_config, manual_dir = d.name, d.config, d.manual_dir
-    if for_eval and d.eval_name:
-        name, builder_config = d.eval_name, d.eval_config
-    if for_eval and d.eval_manual_dir:
-        manual_dir = d.eval_manual_dir
-    return pipeline.load_examples(
-        name,
-        split,
-        data_dir=os.path.expanduser(d.data_dir),
-        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
-        config=builder_config or None,
-        levels=levels(config),
-    )
+    ds = dataset(config, for_eval=for_eval)
+    try:
+        return pipeline.load_examples(
+            ds.name,
+            split,
+            data_dir=os.path.expanduser(config.data.data_dir),
+            manual_dir=ds.manual_dir,
+            config=ds.config,
+            levels=levels(config),
+        )
+    except FileNotFoundError as e:
+        # The loader knows the folder, not the key that named it.
+        role = "eval_" if for_eval else "train_"
+        raise ConfigError(
+            f"{e}\n(The folder comes from data.{role}manual_dir, else data.manual_dir: set "
+            f"--config.data.manual_dir=PATH.)"
+        ) from e
 
 
-def tools(config: ml_collections.ConfigDict) -> list:
-    """File inspection always; local search and the web when configured."""
+def tools(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> list:
+    """File inspection always; images and audio, local search and the web when configured.
+
+    The synthetic suite's search corpus goes with the synthetic suite: a run that reads another
+    dataset (`for_eval` picks the evaluation one) gets no search tool from it.
+    """
+    s = config.sandbox
     out = [files.inspect_file_tool]
-    corpus = config.sandbox.search_corpus
-    if corpus == "synthetic":
-        name = config.data.config or "default"
-        seed = synthetic.SyntheticTasks.builder_configs[name].seed
-        out.append(search.make_search_tool(synthetic.corpus(seed)))
-    elif corpus:
-        raise ConfigError(f"sandbox.search_corpus must be '' or 'synthetic', got {corpus!r}")
-    if config.sandbox.web_search_url:
-        key_env = config.sandbox.web_api_key_env
-        out.extend(web.make_web_tools(config.sandbox.web_search_url, os.environ.get(key_env)))
+    if s.search_corpus == "synthetic":
+        ds = dataset(config, for_eval=for_eval)
+        if ds.name == "synthetic":
+            seed = synthetic.SyntheticTasks.builder_configs[ds.config].seed
+            out.append(search.make_search_tool(synthetic.corpus(seed)))
+    elif s.search_corpus:
+        raise ConfigError(
+            f"sandbox.search_corpus must be '' or 'synthetic', got {s.search_corpus!r}"
+        )
+    if s.vision_url and not s.vision_model:
+        raise ConfigError("sandbox.vision_url is set but sandbox.vision_model is empty.")
+    if s.transcription_url and not s.transcription_model:
+        raise ConfigError(
+            "sandbox.transcription_url is set but sandbox.transcription_model is empty."
+        )
+    out.extend(
+        media.make_media_tools(
+            vision_url=s.vision_url,
+            vision_model=s.vision_model,
+            vision_api_key=os.environ.get(s.vision_api_key_env) if s.vision_api_key_env else None,
+            transcription_url=s.transcription_url,
+            transcription_model=s.transcription_model,
+            transcription_api_key=(
+                os.environ.get(s.transcription_api_key_env) if s.transcription_api_key_env else None
+            ),
+            timeout_s=s.media_timeout_s,
+        )
+    )
+    if s.web_search_url:
+        key_env = s.web_api_key_env
+        out.extend(web.make_web_tools(s.web_search_url, os.environ.get(key_env)))
     return out
 
 

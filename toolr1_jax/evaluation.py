@@ -33,13 +33,16 @@ from toolr1_jax.tools import registry
 RESULTS_FILE = "results.json"
 TRAJECTORIES_FILE = "trajectories.jsonl"
 REPORT_FILE = "report.html"
+# GAIA's leaderboard takes one JSONL line per test task: task_id, model_answer, reasoning_trace.
+SUBMISSION_FILE = "submission.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalRecord:
     """One graded episode.
 
-    `correct` is GAIA's exact scorer on the final answer (an episode without one is wrong).
+    `correct` is GAIA's exact scorer on the final answer (an episode without one is wrong), or
+    None when the reference is hidden (GAIA's test split): there is nothing to score against.
     The judge fields are set only when a judge was given and the episode answered: `judge_score`
     is its verdict, or None with `judge_error` saying why the judge failed.
     """
@@ -47,7 +50,7 @@ class EvalRecord:
     example: data_types.Example
     sample: int  # index of this episode among its question's samples
     trajectory: data_types.Trajectory
-    correct: bool
+    correct: bool | None
     num_tool_calls: int  # calls of the agent's tools (final_answer excluded) in code that ran
     judge_score: float | None = None
     judge_rationale: str = ""
@@ -63,6 +66,8 @@ class EvalResult:
     records: tuple[EvalRecord, ...]
     num_samples: int
     judged: bool  # a judge was given (the judge_* metrics are present)
+    # The references are hidden (GAIA's test split): no accuracy, a submission file instead.
+    answers_hidden: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,10 +119,25 @@ def _rate(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
 
 
+def answers_hidden(examples: Sequence[data_types.Example]) -> bool:
+    """True when every example's reference is hidden (GAIA's test split), False when none is."""
+    hidden = {bool(e.metadata.get("answer_hidden", False)) for e in examples}
+    if len(hidden) > 1:
+        shown = [e.task_id for e in examples if e.metadata.get("answer_hidden")][:5]
+        raise ValueError(
+            f"evaluate: some examples have hidden answers ({shown}...) and some do not; evaluate "
+            "GAIA's test split (hidden answers) and validation split separately"
+        )
+    return hidden == {True}
+
+
 def compute_metrics(
-    records: Sequence[EvalRecord], *, num_samples: int, judged: bool
+    records: Sequence[EvalRecord], *, num_samples: int, judged: bool, answers_hidden: bool = False
 ) -> dict[str, float]:
     """Metrics of graded episodes; every question must have exactly `num_samples` records.
+
+    With `answers_hidden` the scoring metrics (accuracy, pass@k) are left out: only the agent
+    statistics and counts remain.
 
     Keys: `accuracy` (share of episodes the GAIA scorer accepts), `accuracy/level_L`, `pass@k`
     and `pass@k/level_L` for k = 1..num_samples (the unbiased estimator, averaged over
@@ -148,13 +168,15 @@ def compute_metrics(
     m["num_questions"] = len(by_question)
     m["num_episodes"] = n
     m["num_samples"] = num_samples
-    m["accuracy"] = _rate(sum(r.correct for r in records), n)
     levels = sorted({rs[0].example.level for rs in by_question.values()})
     for level in levels:
         rs = [r for r in records if r.example.level == level]
-        m[f"accuracy/level_{level}"] = _rate(sum(r.correct for r in rs), len(rs))
+        if not answers_hidden:
+            m[f"accuracy/level_{level}"] = _rate(sum(r.correct for r in rs), len(rs))
         m[f"num_questions/level_{level}"] = len(rs) // num_samples
-    for k in range(1, num_samples + 1):
+    if not answers_hidden:
+        m["accuracy"] = _rate(sum(r.correct for r in records), n)
+    for k in range(1, 1 if answers_hidden else num_samples + 1):
         per_question = {
             t: pass_at_k(num_samples, sum(r.correct for r in rs), k)
             for t, rs in by_question.items()
@@ -206,13 +228,17 @@ def grade(
     traj: data_types.Trajectory,
     tool_names: Iterable[str],
 ) -> EvalRecord:
-    """The episode's record: GAIA's scorer on its final answer and its calls to `tool_names`."""
-    correct = traj.final_answer is not None and gaia_scorer.question_scorer(
-        traj.final_answer, example.answer
-    )
+    """The episode's record: GAIA's scorer on its final answer (None when the reference is
+    hidden) and its calls to `tool_names`."""
+    correct = None
+    if not example.metadata.get("answer_hidden", False):
+        # Never scored against a hidden "?": the scorer would accept "", "?" and "." for it.
+        correct = traj.final_answer is not None and bool(
+            gaia_scorer.question_scorer(traj.final_answer, example.answer)
+        )
     names = frozenset(tool_names)
     calls = sum(count_tool_calls(t.code, names) for t in traj.turns if _code_ran(t))
-    return EvalRecord(example, sample, traj, bool(correct), calls)
+    return EvalRecord(example, sample, traj, correct, calls)
 
 
 async def _judge_record(judge: judge_lib.Judge, record: EvalRecord) -> EvalRecord:
@@ -254,7 +280,9 @@ async def evaluate(
       sampling: temperature, top-p, top-k and base seed (see `rollout.rollout`).
       num_samples: episodes per question (n of pass@k).
       judge: when given, every answered episode is also judged and the judge_* metrics are
-        reported; a judge failure is recorded on the episode, not raised.
+        reported; a judge failure is recorded on the episode, not raised. Not allowed when the
+        answers are hidden (GAIA's test split), where the result has no accuracy and
+        `write_outputs` writes a leaderboard submission instead.
       progress: show a progress bar (episodes done, running accuracy) on stderr.
       policy_version: stored in the trajectories.
       shard: `(index, count)`: run only examples `index, index + count, ...`, one process's share
@@ -273,6 +301,9 @@ async def evaluate(
         raise ValueError(f"evaluate: task ids must be unique, repeated: {duplicates[:5]}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"evaluate: num_samples must be an integer >= 1, got {num_samples!r}")
+    hidden = answers_hidden(examples)
+    if hidden and judge is not None:
+        raise ValueError("evaluate: the answers are hidden (GAIA's test split): nothing to judge")
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(
@@ -306,9 +337,13 @@ async def evaluate(
             grade(group.example, i, traj, tool_names) for i, traj in enumerate(group.trajectories)
         ]
         num_done += len(records)
-        num_correct += sum(r.correct for r in records)
         bar.update(len(records))
-        bar.set_postfix(accuracy=f"{num_correct / num_done:.3f}", refresh=False)
+        if hidden:
+            num_correct += sum(r.trajectory.final_answer is not None for r in records)
+            bar.set_postfix(answered=f"{num_correct / num_done:.3f}", refresh=False)
+        else:
+            num_correct += sum(r.correct for r in records)
+            bar.set_postfix(accuracy=f"{num_correct / num_done:.3f}", refresh=False)
         if judge is not None:
             records = await asyncio.gather(*(_judge_record(judge, r) for r in records))
         graded[group.group_id] = list(records)
@@ -330,14 +365,16 @@ async def evaluate(
     records = tuple(r for i in mine for r in graded[i])
     # A share can be empty (more processes than questions); its metrics come from the merge.
     metrics = (
-        compute_metrics(records, num_samples=num_samples, judged=judge is not None)
+        compute_metrics(
+            records, num_samples=num_samples, judged=judge is not None, answers_hidden=hidden
+        )
         if records
         else {}
     )
     metrics["wall_s"] = time.perf_counter() - start
     metrics["time/engine_s"] = stats.engine_s
     metrics["time/sandbox_s"] = stats.sandbox_s
-    return EvalResult(metrics, records, num_samples, judge is not None)
+    return EvalResult(metrics, records, num_samples, judge is not None, hidden)
 
 
 def _share(num_examples: int, index: int, count: int) -> range:
@@ -354,9 +391,13 @@ def merge_shards(shards: Sequence[EvalResult]) -> EvalResult:
     count = len(shards)
     if not count:
         raise ValueError("merge_shards: no shares given")
-    n = shards[0].num_samples
-    if any((s.num_samples, s.judged) != (n, shards[0].judged) for s in shards):
-        raise ValueError("merge_shards: the shares differ in num_samples or judging")
+    n, hidden = shards[0].num_samples, shards[0].answers_hidden
+    if any(
+        (s.num_samples, s.judged, s.answers_hidden) != (n, shards[0].judged, hidden) for s in shards
+    ):
+        raise ValueError(
+            "merge_shards: the shares differ in num_samples, judging or hidden answers"
+        )
     groups = [[s.records[j : j + n] for j in range(0, len(s.records), n)] for s in shards]
     num_examples = sum(len(g) for g in groups)
     shares = [_share(num_examples, i, count) for i in range(count)]
@@ -371,10 +412,12 @@ def merge_shards(shards: Sequence[EvalResult]) -> EvalResult:
         for i, g in zip(share, gs, strict=True)
     }
     records = tuple(r for i in range(num_examples) for r in by_example[i])
-    metrics = compute_metrics(records, num_samples=n, judged=shards[0].judged)
+    metrics = compute_metrics(
+        records, num_samples=n, judged=shards[0].judged, answers_hidden=hidden
+    )
     for key in ("wall_s", "time/engine_s", "time/sandbox_s"):
         metrics[key] = max(s.metrics[key] for s in shards)
-    return EvalResult(metrics, records, n, shards[0].judged)
+    return EvalResult(metrics, records, n, shards[0].judged, hidden)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,7 +473,7 @@ def results_json(result: EvalResult, run_info: Mapping[str, Any] | None = None) 
                 "level": rs[0].example.level,
                 "reference": rs[0].example.answer,
                 "num_samples": len(rs),
-                "num_correct": sum(r.correct for r in rs),
+                "num_correct": None if result.answers_hidden else sum(r.correct for r in rs),
                 "answers": [r.trajectory.final_answer for r in rs],
             }
         )
@@ -438,9 +481,43 @@ def results_json(result: EvalResult, run_info: Mapping[str, Any] | None = None) 
         "metrics": dict(result.metrics),
         "num_samples": result.num_samples,
         "judged": result.judged,
+        "answers_hidden": result.answers_hidden,
         "run": dict(run_info or {}),
         "questions": questions,
     }
+
+
+def reasoning_trace(traj: data_types.Trajectory) -> str:
+    """An episode as text: each turn's thought and code, then what the code printed."""
+    parts = []
+    for k, turn in enumerate(traj.turns, 1):
+        parts.append(f"Step {k}:\n{turn.text.strip()}")
+        if turn.observation:
+            parts.append(f"Observation:\n{turn.observation.strip()}")
+    return "\n\n".join(parts)
+
+
+def submission_lines(result: EvalResult) -> list[dict[str, str]]:
+    """GAIA leaderboard lines, one per question in example order.
+
+    With several samples per question the first that gave an answer is submitted (sample 0
+    when none did), so a greedy run submits its one episode.
+    """
+    by_question: dict[str, list[EvalRecord]] = {}
+    for r in result.records:
+        by_question.setdefault(r.example.task_id, []).append(r)
+    lines = []
+    for task_id, rs in by_question.items():
+        chosen = next((r for r in rs if r.trajectory.final_answer is not None), rs[0])
+        answer = chosen.trajectory.final_answer
+        lines.append(
+            {
+                "task_id": task_id,
+                "model_answer": "" if answer is None else str(answer),
+                "reasoning_trace": reasoning_trace(chosen.trajectory),
+            }
+        )
+    return lines
 
 
 def write_outputs(
@@ -450,11 +527,19 @@ def write_outputs(
     run_info: Mapping[str, Any] | None = None,
 ) -> dict[str, pathlib.Path]:
     """Writes results.json, trajectories.jsonl and report.html into `output_dir` (created if
-    needed); `run_info` (model, split, config, ...) goes into results.json and the report.
-    Returns the three paths by file name."""
+    needed), and submission.jsonl (GAIA's leaderboard format) when the answers are hidden;
+    `run_info` (model, split, config, ...) goes into results.json and the report.
+    Returns the paths by file name."""
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in (RESULTS_FILE, TRAJECTORIES_FILE, REPORT_FILE)}
+    names = [RESULTS_FILE, TRAJECTORIES_FILE, REPORT_FILE]
+    if result.answers_hidden:
+        names.append(SUBMISSION_FILE)
+        submission = "".join(
+            json.dumps(line, ensure_ascii=False) + "\n" for line in submission_lines(result)
+        )
+        _write_text(out / SUBMISSION_FILE, submission)
+    paths = {name: out / name for name in names}
     summary = results_json(result, run_info)
     # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers.
     _write_text(paths[RESULTS_FILE], json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -527,6 +612,10 @@ def _format_metric(value: Any) -> str:
     return _esc(value)
 
 
+def _json_bool(value: bool | None) -> str:
+    return "null" if value is None else str(value).lower()
+
+
 def _thought(turn: data_types.Turn) -> str:
     """The turn's text before its code block (all of it when the turn had no code)."""
     if turn.code is None:
@@ -536,8 +625,11 @@ def _thought(turn: data_types.Turn) -> str:
 
 
 def _verdict_html(record: EvalRecord) -> str:
-    word, cls = ("correct", "correct") if record.correct else ("wrong", "wrong")
-    parts = [f'<span class="verdict {cls}">GAIA scorer: {word}</span>']
+    if record.correct is None:
+        parts = ['<span class="verdict hidden">GAIA scorer: answer hidden, not scored</span>']
+    else:
+        word, cls = ("correct", "correct") if record.correct else ("wrong", "wrong")
+        parts = [f'<span class="verdict {cls}">GAIA scorer: {word}</span>']
     if record.judge_score is not None:
         parts.append(
             f'<span class="judge">judge: {record.judge_score:g}</span>'
@@ -553,9 +645,11 @@ def _verdict_html(record: EvalRecord) -> str:
 def _trajectory_html(index: int, record: EvalRecord) -> str:
     traj, ex = record.trajectory, record.example
     answer = "(none)" if traj.final_answer is None else traj.final_answer
-    mark = "&#10003;" if record.correct else "&#10007;"
+    mark, cls = {True: ("&#10003;", "correct"), False: ("&#10007;", "wrong")}.get(
+        record.correct, ("?", "hidden")
+    )
     summary = (
-        f'<span class="verdict {"correct" if record.correct else "wrong"}">{mark}</span> '
+        f'<span class="verdict {cls}">{mark}</span> '
         f"<b>{_esc(ex.task_id)}</b> #{record.sample} "
         f'<span class="muted">level {ex.level} &middot; {_esc(traj.status)} &middot; '
         f"{len(traj.turns)} turn(s) &middot; answer:</span> {_esc(answer)}"
@@ -588,7 +682,7 @@ def _trajectory_html(index: int, record: EvalRecord) -> str:
     body.append(f"<p>{_verdict_html(record)}</p>")
     return (
         f'<details class="trajectory" id="t{index}" data-task-id="{_esc(ex.task_id)}" '
-        f'data-correct="{str(record.correct).lower()}"><summary>{summary}</summary>'
+        f'data-correct="{_json_bool(record.correct)}"><summary>{summary}</summary>'
         f'<div class="body">{"".join(body)}</div></details>'
     )
 
@@ -615,20 +709,27 @@ def render_report(result: EvalResult, run_info: Mapping[str, Any] | None = None)
         for r in rs:
             entries.append(_trajectory_html(index, r))
             index += 1
-        num_correct = sum(r.correct for r in rs)
+        if result.answers_hidden:
+            tally = f"{sum(r.trajectory.final_answer is not None for r in rs)}/{len(rs)} answered"
+        else:
+            tally = f"{sum(r.correct for r in rs)}/{len(rs)} correct"
         sections.append(
             f'<section class="question"><h3>{_esc(task_id)} '
-            f'<span class="muted">level {rs[0].example.level} &middot; {num_correct}/{len(rs)} '
-            f"correct</span></h3>{''.join(entries)}</section>"
+            f'<span class="muted">level {rs[0].example.level} &middot; {tally}'
+            f"</span></h3>{''.join(entries)}</section>"
         )
-    n, acc = len(result.records), result.metrics.get("accuracy", 0.0)
+    n = len(result.records)
+    if result.answers_hidden:
+        score = "answers hidden (GAIA test split): no accuracy, see submission.jsonl"
+    else:
+        score = f"accuracy {result.metrics.get('accuracy', 0.0):.4f}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         "<title>toolr1_jax evaluation</title>"
         f"<style>{_CSS}</style></head><body>"
         "<h1>toolr1_jax evaluation</h1>"
         f"<p>{n} episode(s) over {len(by_question)} question(s), {result.num_samples} sample(s) "
-        f"each; accuracy {acc:.4f}.</p>"
+        f"each; {score}.</p>"
         + (f'<table class="metrics run">{run_rows}</table>' if run_rows else "")
         + f'<h2>Metrics</h2><table class="metrics">{rows}</table>'
         "<h2>Episodes</h2>"
@@ -640,3 +741,39 @@ def render_report(result: EvalResult, run_info: Mapping[str, Any] | None = None)
         '<label for="show-wrong">wrong only</label></p>'
         f"<main>{''.join(sections)}</main></body></html>\n"
     )
+
+
+def summarize_accuracy(workdir: pathlib.Path) -> dict[str, float]:
+    """Eval accuracy before training, after SFT (step 0) and at the last eval, from a training
+    run's `metrics.jsonl`; draws `accuracy.png` (eval accuracy against step) beside it."""
+    points, summary = {}, {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "eval_init/accuracy" in d:
+            summary["untrained"] = d["eval_init/accuracy"]
+        if "eval/accuracy" in d:
+            points[d["step"]] = d["eval/accuracy"]
+    if not points:
+        return summary
+    if 0 in points:
+        summary["start"] = points[0]
+    summary["final"] = points[max(points)]
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    steps = sorted(points)
+    ax.plot(steps, [points[k] for k in steps], marker="o", label="policy (step 0 = after SFT)")
+    if "untrained" in summary:
+        ax.axhline(summary["untrained"], color="gray", linestyle="--", label="untrained")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(workdir / "accuracy.png", dpi=100)
+    plt.close(fig)
+    return summary

@@ -95,7 +95,7 @@ def render_system_prompt(
         imports = "any module"
     values = {
         "tools": registry.render_tools(tools),
-        "tool_signatures": "\n".join(t.signature for t in tools),
+        "tool_signatures": registry.render_signatures(tools),
         "authorized_imports": imports,
     }
     return _fill(template, values, "system prompt", required=(("tools", "tool_signatures"),))

@@ -16,7 +16,15 @@ import tensorflow_datasets as tfds
 from toolr1_jax.data import gaia, qa, records, synthetic, types
 
 DATASETS = ("synthetic", "gaia", "qa")
-_DEFAULT_CONFIGS = {"synthetic": "default", "gaia": "2023_all", "qa": "default"}
+DEFAULT_CONFIGS = {"synthetic": "default", "gaia": "2023_all", "qa": "default"}
+
+
+def builder_configs(dataset: str) -> list[str] | None:
+    """The builder config names `dataset` accepts; None when any name is valid (qa)."""
+    if dataset == "qa":
+        return None
+    cls = {"synthetic": synthetic.SyntheticTasks, "gaia": gaia.Gaia}[dataset]
+    return sorted(cls.builder_configs)
 
 
 def builder(
@@ -35,7 +43,7 @@ def builder(
     """
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; expected one of {DATASETS}")
-    config = _DEFAULT_CONFIGS[dataset] if config is None else config
+    config = DEFAULT_CONFIGS[dataset] if config is None else config
     if dataset == "qa" and isinstance(config, str) and config not in qa.QaTasks.builder_configs:
         # Question sets are the user's: any name is a valid config.
         config = tfds.core.BuilderConfig(name=config)

@@ -10,10 +10,18 @@ import json
 import os
 import re
 
-from toolr1_jax.tools import registry
+from toolr1_jax.tools import media, registry
 
 MAX_CHARS = 20_000
-_TEXT_EXTENSIONS = {".txt", ".md", ".markdown", ".py", ".log", ".yaml", ".yml", ".xml", ".tex"}
+# Formats read as plain text: GAIA's attachments include py, xml and pdb (Protein Data Bank).
+_TEXT_EXTENSIONS = {
+    ".txt", ".md", ".markdown", ".py", ".log", ".yaml", ".yml", ".xml", ".tex", ".pdb", ".cif",
+    ".sql", ".js", ".c", ".h", ".cpp", ".java", ".ini", ".cfg", ".toml", ".srt", ".vtt", ".rst",
+    ".svg", ".kml", ".gpx", ".bib", ".fasta", ".fa",
+}  # fmt: skip
+# A zip is extracted into the working directory; these bounds keep a zip bomb from filling it.
+MAX_UNZIPPED_BYTES = 500 * 2**20
+MAX_ZIP_MEMBERS = 10_000
 
 
 def _read_text(path: str) -> str:
@@ -104,6 +112,39 @@ def _html(path: str) -> str:
     return html_to_text(_read_text(path))
 
 
+def _zip(path: str) -> str:
+    import zipfile
+
+    base = os.path.splitext(path)[0]
+    dest = base if not os.path.exists(base) or os.path.isdir(base) else base + "_unzipped"
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        if len(infos) > MAX_ZIP_MEMBERS:
+            raise ValueError(f"{len(infos)} members, over the limit of {MAX_ZIP_MEMBERS}")
+        total = sum(i.file_size for i in infos)
+        if total > MAX_UNZIPPED_BYTES:
+            raise ValueError(f"{total} bytes unzipped, over the limit of {MAX_UNZIPPED_BYTES}")
+        for info in infos:
+            parts = info.filename.replace("\\", "/").split("/")
+            if info.filename.startswith("/") or ".." in parts:
+                raise ValueError(f"member {info.filename!r} would land outside the archive folder")
+        z.extractall(dest)
+    lines = [f"Extracted {len(infos)} entries of {path} into {dest}/:"]
+    for info in infos:
+        if not info.is_dir():
+            lines.append(f"  {os.path.join(dest, info.filename)} ({info.file_size} bytes)")
+    lines.append("Call inspect_file on any of these paths to read it.")
+    return "\n".join(lines)
+
+
+def _image(path: str) -> str:
+    return media.describe_image(path)
+
+
+def _audio(path: str) -> str:
+    return "Transcript:\n" + media.transcribe_audio(path)
+
+
 _READERS = {
     ".csv": _read_text,
     ".tsv": _read_text,
@@ -116,13 +157,19 @@ _READERS = {
     ".pptx": _pptx,
     ".html": _html,
     ".htm": _html,
+    ".jsonld": _json,
+    ".geojson": _json,
+    ".zip": _zip,
+    **dict.fromkeys(media.IMAGE_TYPES, _image),
+    **dict.fromkeys([*media.AUDIO_TYPES, *media.VIDEO_EXTENSIONS], _audio),
 }
 
 
 def inspect_file(path: str) -> str:
-    """Return the content of a file as text: txt, md, csv, json, xlsx (every sheet), pdf (every
-    page), docx (paragraphs and tables), pptx (every slide) or html (visible text). Long content
-    is cut to its first 20000 characters."""
+    """Return the content of a file as text: txt, md, csv, json/jsonld, xml, py, pdb, xlsx (every
+    sheet), pdf (every page), docx (paragraphs and tables), pptx (every slide), html (visible
+    text), zip (extracted next to it, its files listed), images (described by a vision model),
+    audio and video (transcribed). Long content is cut to its first 20000 characters."""
     if not isinstance(path, str) or not path:
         raise ValueError("inspect_file: path must be a non-empty string")
     if not os.path.isfile(path):
@@ -142,6 +189,8 @@ def inspect_file(path: str) -> str:
                 ) from None
     try:
         text = reader(path)
+    except media.MediaToolError:
+        raise  # says what is off or what failed, naming the tool and the file
     except Exception as e:  # each parser has its own error types; name the file either way
         raise ValueError(f"inspect_file: could not read {path!r} as {ext or 'text'}: {e}") from e
     return _cut(text)

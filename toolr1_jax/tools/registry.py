@@ -24,6 +24,9 @@ class Tool:
     doc: str
     fn: Callable[..., Any]
     host: bool = False
+    # A transport that another tool calls (e.g. the host half of an in-sandbox tool): it is
+    # served like any tool but left out of the prompt, since the policy has no use for it.
+    hidden: bool = False
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -37,7 +40,7 @@ class Tool:
         )
         if module and "<locals>" not in qualname and _lookup(module, qualname) is self:
             return _lookup, (module, qualname)
-        return Tool, (self.name, self.signature, self.doc, self.fn, self.host)
+        return Tool, (self.name, self.signature, self.doc, self.fn, self.host, self.hidden)
 
 
 def _lookup(module: str, qualname: str):
@@ -66,7 +69,12 @@ def _signature_text(name: str, fn: Callable[..., Any]) -> str:
 
 
 def make_tool(
-    fn: Callable[..., Any], *, name: str | None = None, doc: str | None = None, host: bool = False
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    doc: str | None = None,
+    host: bool = False,
+    hidden: bool = False,
 ) -> Tool:
     """A Tool from any callable; `name` and `doc` default to the function's own."""
     name = name or getattr(fn, "__name__", None)
@@ -75,7 +83,9 @@ def make_tool(
     doc = inspect.cleandoc(doc or inspect.getdoc(fn) or "")
     if not doc:
         raise ValueError(f"tool {name!r} has no docstring; the policy needs one to use it")
-    return Tool(name=name, signature=_signature_text(name, fn), doc=doc, fn=fn, host=host)
+    return Tool(
+        name=name, signature=_signature_text(name, fn), doc=doc, fn=fn, host=host, hidden=hidden
+    )
 
 
 def tool(fn: Callable[..., Any] | None = None, *, host: bool = False, name: str | None = None):
@@ -104,12 +114,19 @@ final_answer = make_tool(_final_answer, name="final_answer")
 
 
 def render_tools(tools: Iterable[Tool]) -> str:
-    """Python stubs (signature + docstring) of every tool, for the system prompt."""
+    """Python stubs (signature + docstring) of every tool the policy sees, for the prompt."""
     blocks = []
     for t in tools:
+        if t.hidden:
+            continue
         doc = textwrap.indent(f'"""{t.doc}\n"""', "    ")
         blocks.append(f"def {t.signature}:\n{doc}")
     return "\n\n".join(blocks)
+
+
+def render_signatures(tools: Iterable[Tool]) -> str:
+    """One signature a line, of every tool the policy sees (for short prompts)."""
+    return "\n".join(t.signature for t in tools if not t.hidden)
 
 
 def check_unique(tools: Iterable[Tool]) -> tuple[Tool, ...]:

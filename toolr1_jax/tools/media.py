@@ -1,0 +1,320 @@
+"""Images, audio and video for the policy, through OpenAI-compatible model servers.
+
+`describe_image` asks a vision-language chat model (chat completions with an image content
+part); `transcribe_audio` sends audio, or a video's audio track, to a speech-to-text server
+(`/audio/transcriptions`). The sandbox has no network, so each tool has two halves: the policy
+calls an in-sandbox function that reads the file from its working directory and hands the bytes
+(base64, over the tool channel) to a hidden host tool that makes the request. Without a
+configured server there is no host half, and the tool says so when called.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import sys
+
+from toolr1_jax.tools import registry
+
+# What chat-completion image parts accept (OpenAI's list; vLLM and SGLang take the same).
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}
+# What /audio/transcriptions accepts.
+AUDIO_TYPES = {
+    ".mp3": "audio/mpeg",
+    ".mpga": "audio/mpeg",
+    ".mpeg": "audio/mpeg",
+    ".m4a": "audio/mp4",
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".webm": "audio/webm",
+}
+# Containers whose audio track is extracted on the host (PyAV) before transcription.
+VIDEO_EXTENSIONS = (".mov", ".mp4", ".m4v", ".avi", ".mkv", ".wmv", ".flv", ".3gp")
+
+# Base64 grows data by 4/3 and the tool channel carries frames of up to 64 MiB.
+MAX_FILE_BYTES = 40 * 2**20
+
+VISION_HOST_TOOL = "_vision_request"
+TRANSCRIPTION_HOST_TOOL = "_transcription_request"
+DEFAULT_IMAGE_QUESTION = (
+    "Describe this image in detail: every object, person, text, number, label, colour and their "
+    "positions, so that someone who cannot see it can answer questions about it."
+)
+
+
+class MediaToolError(Exception):
+    """A media tool could not do what was asked; the message is shown to the policy."""
+
+
+# ----------------------------------------------------------------------------------------------
+# In-sandbox halves (what the policy calls)
+# ----------------------------------------------------------------------------------------------
+
+
+def _host_half(name: str):
+    # The worker binds each host tool's stub in the policy's namespace, which is the globals of
+    # the frame that called into this module; no other handle on it reaches tool code.
+    frame = sys._getframe(1)
+    while frame is not None:
+        stub = frame.f_globals.get(name)
+        if stub is not None and callable(stub) and frame.f_globals.get("__name__") == "__main__":
+            return stub
+        frame = frame.f_back
+    return None
+
+
+def _read(tool: str, path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{tool}: path must be a non-empty string")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{tool}: no such file {path!r}")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise MediaToolError(
+            f"{tool}: {path!r} is {size / 2**20:.1f} MiB, over the {max_bytes // 2**20} MiB "
+            "that can be sent to the model server"
+        )
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _off(tool: str, path: str, what: str, keys: str) -> MediaToolError:
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    return MediaToolError(
+        f"{tool}: {what} is off in this run: no model server is configured for it ({keys} is "
+        f"empty). The content of {path!r} ({size} bytes) cannot be read; work from the question "
+        "and the other files."
+    )
+
+
+def _forward(tool: str, stub, *args) -> str:
+    try:
+        return str(stub(*args))
+    except RuntimeError as e:  # the stub's wrapping of the host's error message
+        raise MediaToolError(f"{tool}: {e}") from None
+
+
+def describe_image(path: str, question: str = DEFAULT_IMAGE_QUESTION) -> str:
+    """Show an image file (png, jpg, gif, webp) to a vision-language model and return its answer
+    to `question` (by default, a detailed description of everything in the image, text and
+    numbers included). Ask a precise question to get a precise answer."""
+    ext = os.path.splitext(path)[1].lower() if isinstance(path, str) else ""
+    if ext not in IMAGE_TYPES:
+        raise MediaToolError(
+            f"describe_image: {path!r} is not an image it can send; supported: "
+            + ", ".join(IMAGE_TYPES)
+        )
+    data = _read("describe_image", path)
+    stub = _host_half(VISION_HOST_TOOL)
+    if stub is None:
+        raise _off("describe_image", path, "image understanding", "sandbox.vision_url")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("describe_image: question must be a non-empty string")
+    encoded = base64.b64encode(data).decode("ascii")
+    return _forward("describe_image", stub, os.path.basename(path), encoded, question)
+
+
+def transcribe_audio(path: str) -> str:
+    """Transcribe the speech in an audio file (mp3, m4a, wav, flac, ogg, webm) or in the audio
+    track of a video (mov, mp4, avi, mkv) with a speech-to-text model; returns the text."""
+    ext = os.path.splitext(path)[1].lower() if isinstance(path, str) else ""
+    if ext not in AUDIO_TYPES and ext not in VIDEO_EXTENSIONS:
+        raise MediaToolError(
+            f"transcribe_audio: {path!r} is not an audio or video file; supported: "
+            + ", ".join([*AUDIO_TYPES, *VIDEO_EXTENSIONS])
+        )
+    data = _read("transcribe_audio", path)
+    stub = _host_half(TRANSCRIPTION_HOST_TOOL)
+    if stub is None:
+        what = "video (its audio track)" if ext in VIDEO_EXTENSIONS else "audio transcription"
+        raise _off("transcribe_audio", path, what, "sandbox.transcription_url")
+    encoded = base64.b64encode(data).decode("ascii")
+    return _forward("transcribe_audio", stub, os.path.basename(path), encoded)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host halves (the requests)
+# ----------------------------------------------------------------------------------------------
+
+
+def _decode(file_name: str, data_b64: str) -> bytes:
+    if not isinstance(file_name, str) or not isinstance(data_b64, str):
+        raise MediaToolError("file_name and data must be strings")
+    if len(data_b64) > MAX_FILE_BYTES * 4 // 3 + 4:
+        raise MediaToolError(f"{file_name}: more than {MAX_FILE_BYTES // 2**20} MiB")
+    try:
+        return base64.b64decode(data_b64, validate=True)
+    except binascii.Error as e:
+        raise MediaToolError(f"{file_name}: the data is not base64 ({e})") from None
+
+
+def _client(base_url: str, api_key: str | None, timeout_s: float):
+    import openai
+
+    # openai refuses an empty key; local servers (vLLM, whisper servers) ignore it.
+    return openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s)
+
+
+def _server_error(what: str, base_url: str, e: Exception) -> MediaToolError:
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        detail = f"HTTP {e.status_code}: {str(e.message)[:500]}"
+    else:
+        detail = f"{type(e).__name__}: {e}"
+    return MediaToolError(f"the {what} server at {base_url} failed ({detail})")
+
+
+class VisionRequest:
+    """Host half of `describe_image`: one chat completion with the image as a data URL."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float):
+        self.base_url, self.model, self.api_key, self.timeout_s = (
+            base_url,
+            model,
+            api_key,
+            timeout_s,
+        )
+
+    def __call__(self, file_name: str, data_b64: str, question: str) -> str:
+        import openai
+
+        ext = os.path.splitext(file_name)[1].lower()
+        if ext not in IMAGE_TYPES:
+            raise MediaToolError(f"{file_name}: not an image type the server takes")
+        _decode(file_name, data_b64)
+        content = [
+            {"type": "text", "text": str(question)},
+            {
+                "type": "image_url",
+                "image_url": {"url": f"data:{IMAGE_TYPES[ext]};base64,{data_b64}"},
+            },
+        ]
+        try:
+            completion = _client(
+                self.base_url, self.api_key, self.timeout_s
+            ).chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": content}]
+            )
+        except openai.OpenAIError as e:
+            raise _server_error("vision model", self.base_url, e) from None
+        if not completion.choices or completion.choices[0].message.content is None:
+            raise MediaToolError(f"the vision model at {self.base_url} returned no text")
+        return completion.choices[0].message.content
+
+
+def video_audio_track(data: bytes, file_name: str) -> bytes:
+    """The first audio track of a video as 16 kHz mono WAV (what speech models are trained on)."""
+    try:
+        import av
+    except ImportError:
+        raise MediaToolError(
+            f"{file_name}: video is not supported on this host: reading its audio track needs "
+            "PyAV (`pip install av`)"
+        ) from None
+    try:
+        with av.open(io.BytesIO(data)) as src:
+            if not src.streams.audio:
+                raise MediaToolError(f"{file_name}: the video has no audio track to transcribe")
+            out = io.BytesIO()
+            with av.open(out, "w", format="wav") as dst:
+                stream = dst.add_stream("pcm_s16le", rate=16000)
+                stream.layout = "mono"
+                resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+                for frame in src.decode(audio=0):
+                    for resampled in resampler.resample(frame):
+                        dst.mux(stream.encode(resampled))
+                for resampled in resampler.resample(None):
+                    dst.mux(stream.encode(resampled))
+                dst.mux(stream.encode(None))
+            return out.getvalue()
+    except av.FFmpegError as e:
+        raise MediaToolError(f"{file_name}: cannot read the video ({e})") from None
+
+
+class TranscriptionRequest:
+    """Host half of `transcribe_audio`: one multipart POST to /audio/transcriptions."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float):
+        self.base_url, self.model, self.api_key, self.timeout_s = (
+            base_url,
+            model,
+            api_key,
+            timeout_s,
+        )
+
+    def __call__(self, file_name: str, data_b64: str) -> str:
+        import openai
+
+        data = _decode(file_name, data_b64)
+        stem, ext = os.path.splitext(file_name)
+        ext = ext.lower()
+        if ext in VIDEO_EXTENSIONS:
+            data, file_name, ext = video_audio_track(data, file_name), f"{stem}.wav", ".wav"
+        if ext not in AUDIO_TYPES:
+            raise MediaToolError(f"{file_name}: not an audio type the server takes")
+        try:
+            result = _client(
+                self.base_url, self.api_key, self.timeout_s
+            ).audio.transcriptions.create(
+                model=self.model, file=(file_name, data, AUDIO_TYPES[ext])
+            )
+        except openai.OpenAIError as e:
+            raise _server_error("transcription", self.base_url, e) from None
+        return result.text
+
+
+def make_media_tools(
+    *,
+    vision_url: str,
+    vision_model: str,
+    vision_api_key: str | None,
+    transcription_url: str,
+    transcription_model: str,
+    transcription_api_key: str | None,
+    timeout_s: float,
+) -> list[registry.Tool]:
+    """For each server with a URL ("" = off), its tool and the hidden host tool that serves it.
+
+    Off tools are left out of the prompt; `inspect_file` still meets images and audio and then
+    says which server is missing.
+    """
+    tools = []
+    for fn, url, name, cls, model, key in (
+        (describe_image, vision_url, VISION_HOST_TOOL, VisionRequest, vision_model, vision_api_key),
+        (
+            transcribe_audio,
+            transcription_url,
+            TRANSCRIPTION_HOST_TOOL,
+            TranscriptionRequest,
+            transcription_model,
+            transcription_api_key,
+        ),
+    ):
+        if not url:
+            continue
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{fn.__name__}: the server URL must be http(s), got {url!r}")
+        if not model:
+            raise ValueError(f"{fn.__name__}: a server URL is set but no model name")
+        tools.append(registry.make_tool(fn))
+        tools.append(
+            registry.make_tool(
+                cls(url, model, key, timeout_s),
+                name=name,
+                doc=f"Transport of {fn.__name__} to {url}; the policy does not call it.",
+                host=True,
+                hidden=True,
+            )
+        )
+    return tools

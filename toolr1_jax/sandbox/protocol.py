@@ -1,7 +1,7 @@
 """Length-prefixed JSON frames between the host, the pre-warmed parent and the workers.
 
 JSON, never pickle, for anything a worker can write: a hostile program owns its end of the channel
-and may forge frames, so the host only ever parses data, and bounds its size.
+and may forge frames, so the host only ever parses data, and bounds its size and nesting depth.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import socket
 import struct
 
 _HEADER = struct.Struct("!I")
-MAX_FRAME_BYTES = 64 * 2**20
+MAX_FRAME_BYTES = 64 * 2**20  # host -> worker (attachments never travel here; code does)
+MAX_DEPTH = 32  # nesting of arrays and objects in a frame from a worker
 
 
 class ProtocolError(Exception):
@@ -26,14 +27,35 @@ def encode(obj: dict) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-def decode(data: bytes) -> dict:
+def decode(data: bytes, max_depth: int = MAX_DEPTH) -> dict:
     try:
         obj = json.loads(data)
+    except RecursionError:
+        # json's C parser guards its recursion with the interpreter's limit; deeper input raises
+        # this instead of a ValueError.
+        raise ProtocolError("frame nests deeper than the parser allows") from None
     except ValueError as e:
         raise ProtocolError(f"frame is not JSON: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
         raise ProtocolError("frame is not an object with an 'op' string")
+    if depth(obj) > max_depth:
+        raise ProtocolError(f"frame nests deeper than {max_depth}")
     return obj
+
+
+def depth(obj) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        deepest = max(deepest, d)
+        stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return deepest
 
 
 def send_sock(sock: socket.socket, obj: dict) -> None:

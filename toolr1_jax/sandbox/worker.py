@@ -1,10 +1,12 @@
 """The pre-warmed parent ("zygote") and the sandboxed interpreter it forks for each session.
 
 The pool starts one zygote per pool as a fresh interpreter with a scrubbed environment. It imports
-the heavy modules and builds in-sandbox tools once, then forks a worker per session on request.
-A worker confines itself (new pid and network namespaces, setsid, rlimits, its own uid, Landlock,
-audit hooks) before it touches user code, then serves `run` requests over a Unix socket to the host.
-Nothing here trusts the code it runs; the host trusts nothing a worker sends.
+the heavy modules and builds in-sandbox tools once, builds the workers' filesystem view in a mount
+namespace of its own, then forks a worker per session on request. A worker confines itself (its
+session's cgroup; new pid, network, IPC and mount namespaces; the view as its root; rlimits; its
+own uid without capabilities; Landlock; seccomp; audit hooks) before it touches user code, then
+serves `run` requests over a Unix socket to the host. Nothing here trusts the code it runs; the
+host trusts nothing a worker sends.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import dataclasses
 import errno
 import gc
 import importlib
+import importlib.util
 import io
 import json
 import linecache
@@ -80,6 +84,9 @@ DEFAULT_AUTHORIZED_IMPORTS = (
 )
 
 _CODE_FILENAME = "<code>"
+# Files and directories per tmpfs: bounds the kernel memory a session can pin with empty files.
+_MAX_INODES = 65536
+_WALL = 0x40000000  # waitpid's __WALL: also children whose exit signal is not SIGCHLD
 _MAX_TRACEBACK_FRAMES = 4
 _MAX_ERROR_CHARS = 2000
 
@@ -104,12 +111,23 @@ def zygote_main() -> None:
         if callable(warm):
             warm()
     caps = _probe_capabilities()
+    caps["mount_namespace"] = False
+    if caps["root"] and init["view_root"]:
+        try:
+            lockdown.private_mounts()
+            dirs, files = _view_paths(init["authorized_imports"], init["preload"])
+            lockdown.build_view(init["view_root"], dirs, files)
+            caps["mount_namespace"] = True
+        except OSError as e:
+            caps["mount_error"] = str(e)
+    caps["seccomp"] = lockdown.seccomp_available()
+    seccomp = lockdown.seccomp_filter() if caps["seccomp"] else None
     with contextlib.suppress(OSError):
         lockdown.set_child_subreaper()
     gc.collect()
     gc.freeze()  # keep the warm heap out of the collector so forked children share its pages
     protocol.write_fd(1, protocol.encode({"op": "ready", "capabilities": caps}))
-    _Zygote(init, caps).serve()
+    _Zygote(init, caps, seccomp).serve()
 
 
 def _read_header_fd(fd: int) -> int:
@@ -133,6 +151,7 @@ def _probe_capabilities() -> dict:
         "root": os.geteuid() == 0,
         "pid_namespace": False,
         "net_namespace": False,
+        "ipc_namespace": False,
         "landlock_abi": lockdown.landlock_abi(),
     }
     try:
@@ -147,13 +166,18 @@ def _probe_capabilities() -> dict:
         pass
     pid = os.fork()
     if pid == 0:
-        try:
-            lockdown.unshare(lockdown.CLONE_NEWNET)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
+        ok = 0
+        for bit, flag in ((1, lockdown.CLONE_NEWNET), (2, lockdown.CLONE_NEWIPC)):
+            try:
+                lockdown.unshare(flag)
+                ok |= bit
+            except BaseException:
+                pass
+        os._exit(ok)
     _, status = os.waitpid(pid, 0)
-    caps["net_namespace"] = os.waitstatus_to_exitcode(status) == 0
+    ok = os.waitstatus_to_exitcode(status)
+    caps["net_namespace"] = ok & 1 == 1
+    caps["ipc_namespace"] = ok & 2 == 2
     if caps["pid_namespace"]:
         lockdown.setns(pidns_fd, lockdown.CLONE_NEWPID)
     if pidns_fd >= 0:
@@ -162,9 +186,10 @@ def _probe_capabilities() -> dict:
 
 
 class _Zygote:
-    def __init__(self, init: dict, caps: dict):
+    def __init__(self, init: dict, caps: dict, seccomp):
         self.init = init
         self.caps = caps
+        self.seccomp = seccomp
         self.live: dict[int, str] = {}  # worker pid -> session id, until reaped
         self.pidns_fd = (
             os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -201,6 +226,11 @@ class _Zygote:
                         self.spawn(msg)
                     elif msg["op"] == "kill":
                         self.kill(msg["pid"])
+                    elif msg["op"] == "release":
+                        # Unmounting the session's tmpfs frees all of it at once; EINVAL: never
+                        # mounted (the session failed before its first worker).
+                        with contextlib.suppress(OSError):
+                            lockdown.umount(msg["wd"])
                     elif msg["op"] == "exit":
                         running = False
             self.reap()
@@ -213,6 +243,10 @@ class _Zygote:
 
     def spawn(self, req: dict) -> None:
         try:
+            if req["mount_wd"] and self.caps["mount_namespace"]:
+                # In the zygote's namespace, so the directory outlives the session's workers.
+                lockdown.mount_session_dir(req["wd"], req["limits"]["disk_mb"], req["uid"],
+                                           _MAX_INODES)  # fmt: skip
             if self.pidns_fd >= 0:
                 # Each worker is pid 1 of a fresh pid namespace: when it dies the kernel kills
                 # everything it started, whatever process group or session those moved to.
@@ -225,7 +259,7 @@ class _Zygote:
         if pid == 0:
             code = 70
             try:
-                _worker_main(req, self.init, self.caps)
+                _worker_main(req, self.init, self.caps, self.seccomp)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -273,10 +307,15 @@ class _Zygote:
 # --------------------------------------------------------------------------------------------------
 
 
-def _worker_main(req: dict, init: dict, caps: dict) -> None:
+def _worker_main(req: dict, init: dict, caps: dict, seccomp) -> None:
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    # First, before anything can fork: the session's cgroup ("0" is the writer itself), so every
+    # process the session ever has is limited and listed there.
+    for path in req["cgroup_procs"]:
+        with open(path, "w") as f:
+            f.write("0")
     os.setsid()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(req["host_socket"])  # as root, before the uid drop: the socket file is 0600
@@ -289,15 +328,36 @@ def _worker_main(req: dict, init: dict, caps: dict) -> None:
     # Library code that prints outside a run writes to /dev/null (runs swap in a capture).
     sys.stdin = sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
-    report = {"net_namespace": False, "pid_namespace": caps["pid_namespace"], "uid": os.getuid()}
+    limits = lockdown.Limits(**req["limits"])
+    uid = req.get("uid")
+    view = caps["mount_namespace"]
+    report = {
+        "pid_namespace": caps["pid_namespace"],
+        "net_namespace": caps["net_namespace"],
+        "ipc_namespace": caps["ipc_namespace"],
+        "mount_namespace": view,
+        "cgroup": bool(req["cgroup_procs"]),
+        "uid": os.getuid(),
+    }
+    flags = 0
     if caps["net_namespace"]:
-        try:
-            lockdown.unshare(lockdown.CLONE_NEWNET)
-            report["net_namespace"] = True
-        except OSError:
-            pass
-    wd = req["wd"]
-    os.chdir(wd)
+        flags |= lockdown.CLONE_NEWNET
+    if caps["ipc_namespace"]:
+        # SysV shared memory, queues and semaphores die with the namespace, i.e. with the worker.
+        flags |= lockdown.CLONE_NEWIPC
+    if view:
+        flags |= lockdown.CLONE_NEWNS
+    if flags:
+        # The probe said these work; failing here fails the spawn rather than running weaker.
+        lockdown.unshare(flags)
+    if view:
+        lockdown.enter_view(init["view_root"], req["wd"], limits.disk_mb, _MAX_INODES)
+        wd = lockdown.VIEW_WORKDIR
+        writable = [wd, "/tmp", "/dev/shm"]
+    else:
+        wd = req["wd"]
+        os.chdir(wd)
+        writable = [wd]
     os.environ.clear()
     os.environ.update(
         PATH="/usr/local/bin:/usr/bin:/bin",
@@ -310,23 +370,24 @@ def _worker_main(req: dict, init: dict, caps: dict) -> None:
     )
     # A write past RLIMIT_FSIZE should be an OSError in the program, not a silent death.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    uid = req.get("uid")
-    limits = lockdown.Limits(**req["limits"])
     if uid is None:
-        limits = lockdown.Limits(**{**req["limits"], "max_processes": 0})
-    lockdown.apply_rlimits(limits)
+        limits = dataclasses.replace(limits, max_processes=0)
+    lockdown.apply_rlimits(limits, cap_address_space=not req["cgroup_memory"])
     if uid is not None:
-        # Without Landlock to bound it, read-everything would be worse than a broken import.
-        lockdown.drop_privileges(uid, uid, keep_read_search=caps["landlock_abi"] > 0)
+        lockdown.drop_privileges(uid, uid)
         report["uid"] = uid
     report["landlock"] = False
-    try:
-        lockdown.set_no_new_privs()
-        if caps["landlock_abi"] > 0:
-            lockdown.landlock_confine(wd, caps["landlock_abi"], readable_dirs=_readable_dirs())
+    lockdown.set_no_new_privs()
+    if caps["landlock_abi"] > 0:
+        # In the view, everything visible may be read: the view holds nothing else.
+        readable = None if view else _readable_dirs(init["authorized_imports"], init["preload"])
+        with contextlib.suppress(OSError):
+            lockdown.landlock_confine(writable, caps["landlock_abi"], readable_dirs=readable)
             report["landlock"] = True
-    except OSError:
-        pass
+    report["seccomp"] = False
+    if seccomp is not None:
+        seccomp.load()
+        report["seccomp"] = True
     conn = _Channel(sock)
     interp = _Interpreter(
         conn,
@@ -341,15 +402,35 @@ def _worker_main(req: dict, init: dict, caps: dict) -> None:
     interp.serve()
 
 
-def _readable_dirs() -> list[str]:
-    """What a worker may read besides its working directory: the interpreter, the import path
-    and the system libraries (not /root, /home, /etc or other sessions)."""
-    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr", "/lib", "/lib64", "/lib32"}
-    # Public system tables that libraries read lazily (mimetypes, time zones).
-    dirs.update(["/etc/mime.types", "/etc/localtime", "/etc/timezone"])
-    dirs.update(p for p in sys.path if p and os.path.exists(p))
-    dirs.update(os.path.realpath(p) for p in list(dirs))
-    return sorted(dirs)
+def _view_paths(authorized: tuple, preload: tuple) -> tuple[list[str], list[str]]:
+    """What a worker may read: the interpreter, the system libraries, and the packages of the
+    preloaded and authorized modules wherever they are installed. Not sys.path as a whole: it holds
+    the launch script's directory (the checkout, for `python train.py`) and the test directory."""
+    dirs = ["/usr", "/bin", "/lib", "/lib64", "/lib32", "/libx32"]
+    dirs += {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    # Public system tables that libraries read lazily (time zones, mimetypes, the loader's cache).
+    files = ["/etc/localtime", "/etc/timezone", "/etc/mime.types", "/etc/ld.so.cache"]
+    names = set(preload) | (set() if "*" in authorized else set(authorized))
+    for name in sorted(names):
+        try:
+            spec = importlib.util.find_spec(name.partition(".")[0])
+        except (ImportError, ValueError):
+            continue
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            dirs += list(spec.submodule_search_locations)
+        elif spec.origin and os.path.isabs(spec.origin):
+            files.append(spec.origin)
+    return dirs, files
+
+
+def _readable_dirs(authorized: tuple, preload: tuple) -> list[str]:
+    """Landlock's read allowlist where there is no mount namespace (the same paths as the view)."""
+    dirs, files = _view_paths(authorized, preload)
+    paths = {p for p in dirs + files if os.path.exists(p)}
+    paths.update(os.path.realpath(p) for p in list(paths))
+    return sorted(paths)
 
 
 class _Channel:
@@ -467,10 +548,12 @@ class _Interpreter:
             except (EOFError, OSError, protocol.ProtocolError):
                 os._exit(0)
             if msg["op"] == "run":
+                _reap_children()  # what the host killed after the last run
                 result = self.run(msg["code"], float(msg["timeout_s"]))
                 result["op"] = "result"
                 result["id"] = msg["id"]
-                result["children_alive"] = _has_live_children()
+                # Only consulted without a cgroup; with one, the host lists the processes itself.
+                result["children_alive"] = _reap_children()
                 self.conn.send(result)
             # Anything else is a stale host-tool reply after an interrupted call: ignore it.
 
@@ -535,12 +618,15 @@ def _split_last_expression(code: str, filename: str):
     return compile(tree, filename, "exec"), last
 
 
-def _has_live_children() -> bool:
-    try:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    return True if pid == 0 else _has_live_children()
+def _reap_children() -> bool:
+    """Reap exited children, whatever their exit signal; True while some still run."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG | _WALL)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
 
 
 def _safe_str(x) -> str:

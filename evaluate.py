@@ -47,9 +47,18 @@ def main(argv):
 
     dataset = build.dataset(config, for_eval=True)
     examples = build.examples(config, split, for_eval=True)
+    num_examples = len(examples)
     if config.data.num_eval > 0:
         examples = examples[: config.data.num_eval]
     answers_hidden = evaluation.answers_hidden(examples)
+    if answers_hidden and len(examples) < num_examples:
+        logging.warning(
+            "data.num_eval=%d: the submission will hold %d of the split's %d tasks "
+            "(--config.data.num_eval=0 for all of them)",
+            config.data.num_eval,
+            len(examples),
+            num_examples,
+        )
     logging.info(
         "evaluating %s on %d %s examples of %s (config %s), %d sample(s) each%s",
         model_dir,

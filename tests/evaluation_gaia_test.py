@@ -67,6 +67,16 @@ def test_config_mistakes_name_the_key_to_set(tmp_path):
     c.sandbox.vision_url = "http://127.0.0.1:1/v1"
     with pytest.raises(build.ConfigError, match="sandbox.vision_model is empty"):
         build.tools(c)
+    # GAIA's test split can be evaluated but never trained on: its answers are "?".
+    c = gaia.get_config("debug")
+    c.data.name = "gaia"
+    c.data.manual_dir = str(data_gaia_test._write_release(tmp_path / "GAIA", splits=("test",)))
+    c.data.data_dir = str(tmp_path / "tfds")
+    assert len(build.examples(c, "test", for_eval=True)) == len(
+        data_gaia_test._release_rows("test")
+    )
+    with pytest.raises(build.ConfigError, match="hides its answers.*set data.train_split"):
+        build.examples(c, "test")
 
 
 # ----------------------------------------------------------------------------------------------

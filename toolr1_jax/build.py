@@ -5,6 +5,7 @@ arguments and frozen dataclasses the library takes (used by trainer.py, train.py
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -82,6 +83,52 @@ def dataset(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> Dat
     return Dataset(name, builder_config, os.path.expanduser(manual_dir) if manual_dir else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """The dataset a run reads for training or evaluation, with every default resolved."""
+
+    name: str  # one of pipeline.DATASETS
+    config: str  # the TFDS builder config
+    manual_dir: str | None  # the user's download (gaia, qa); None for the synthetic suite
+
+
+def dataset(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> Dataset:
+    """The training (or, `for_eval`, the evaluation) dataset the data.* keys select."""
+    d = config.data
+    role = "eval" if for_eval else "train"
+    name, builder_config = getattr(d, f"{role}_name"), getattr(d, f"{role}_config")
+    manual_dir = getattr(d, f"{role}_manual_dir") or d.manual_dir
+    keys = f"data.{role}_name/data.name"
+    if name == "auto" and for_eval:
+        name = "gaia" if manual_dir else ""
+        keys = f"data.eval_name='auto' ({'a manual dir is' if manual_dir else 'no manual dir'} set)"
+    config_key = f"data.{role}_config"
+    if not name or name == d.name:
+        if not builder_config:
+            builder_config, config_key = d.config, "data.config"
+        name = d.name
+    if name not in pipeline.DATASETS:
+        raise ConfigError(f"{keys}: unknown dataset {name!r}; expected one of {pipeline.DATASETS}.")
+    known = pipeline.builder_configs(name)
+    builder_config = builder_config or pipeline.DEFAULT_CONFIGS[name]
+    if known is not None and builder_config not in known:
+        raise ConfigError(
+            f"{config_key}={builder_config!r}: dataset {name!r} ({keys}) has no such builder "
+            f"config; set {config_key} to one of {known} (or '' for "
+            f"{pipeline.DEFAULT_CONFIGS[name]!r})."
+        )
+    if name == "synthetic":
+        if getattr(d, f"{role}_manual_dir") or (d.manual_dir and d.eval_name != "auto"):
+            # The synthetic suite is generated, so a folder given for it would be ignored.
+            raise ConfigError(
+                f"{keys} selects the synthetic suite, which reads no files, but a manual dir is "
+                f"set: to {'evaluate' if for_eval else 'train'} on GAIA there, set "
+                f"--config.data.{role}_name=gaia (or data.name=gaia)."
+            )
+        manual_dir = ""
+    return Dataset(name, builder_config, os.path.expanduser(manual_dir) if manual_dir else None)
+
+
 def examples(config: ml_collections.ConfigDict, split: str, *, for_eval: bool = False):
     """Every example of `split` of the training (or, `for_eval`, the evaluation) dataset.
 
@@ -89,7 +136,7 @@ def examples(config: ml_collections.ConfigDict, split: str, *, for_eval: bool = 
     """
     ds = dataset(config, for_eval=for_eval)
     try:
-        return pipeline.load_examples(
+        out = pipeline.load_examples(
             ds.name,
             split,
             data_dir=os.path.expanduser(config.data.data_dir),
@@ -104,6 +151,13 @@ def examples(config: ml_collections.ConfigDict, split: str, *, for_eval: bool = 
             f"{e}\n(The folder comes from data.{role}manual_dir, else data.manual_dir: set "
             f"--config.data.manual_dir=PATH.)"
         ) from e
+    if not for_eval and any(e.metadata.get("answer_hidden") for e in out):
+        # Every reward would compare against GAIA's "?" placeholder.
+        raise ConfigError(
+            f"The {split!r} split of {ds.name!r} hides its answers (GAIA's test split): it can be "
+            "evaluated (a leaderboard submission) but not trained on; set data.train_split."
+        )
+    return out
 
 
 def tools(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> list:

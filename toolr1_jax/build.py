@@ -5,7 +5,6 @@ arguments and frozen dataclasses the library takes (used by trainer.py, train.py
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -35,52 +34,6 @@ def levels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError as e:
         raise ConfigError(f"data.levels must be comma-separated integers, got {text!r}") from e
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """The dataset a run reads for training or evaluation, with every default resolved."""
-
-    name: str  # one of pipeline.DATASETS
-    config: str  # the TFDS builder config
-    manual_dir: str | None  # the user's download (gaia, qa); None for the synthetic suite
-
-
-def dataset(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> Dataset:
-    """The training (or, `for_eval`, the evaluation) dataset the data.* keys select."""
-    d = config.data
-    role = "eval" if for_eval else "train"
-    name, builder_config = getattr(d, f"{role}_name"), getattr(d, f"{role}_config")
-    manual_dir = getattr(d, f"{role}_manual_dir") or d.manual_dir
-    keys = f"data.{role}_name/data.name"
-    if name == "auto" and for_eval:
-        name = "gaia" if manual_dir else ""
-        keys = f"data.eval_name='auto' ({'a manual dir is' if manual_dir else 'no manual dir'} set)"
-    config_key = f"data.{role}_config"
-    if not name or name == d.name:
-        if not builder_config:
-            builder_config, config_key = d.config, "data.config"
-        name = d.name
-    if name not in pipeline.DATASETS:
-        raise ConfigError(f"{keys}: unknown dataset {name!r}; expected one of {pipeline.DATASETS}.")
-    known = pipeline.builder_configs(name)
-    builder_config = builder_config or pipeline.DEFAULT_CONFIGS[name]
-    if known is not None and builder_config not in known:
-        raise ConfigError(
-            f"{config_key}={builder_config!r}: dataset {name!r} ({keys}) has no such builder "
-            f"config; set {config_key} to one of {known} (or '' for "
-            f"{pipeline.DEFAULT_CONFIGS[name]!r})."
-        )
-    if name == "synthetic":
-        if getattr(d, f"{role}_manual_dir") or (d.manual_dir and d.eval_name != "auto"):
-            # The synthetic suite is generated, so a folder given for it would be ignored.
-            raise ConfigError(
-                f"{keys} selects the synthetic suite, which reads no files, but a manual dir is "
-                f"set: to {'evaluate' if for_eval else 'train'} on GAIA there, set "
-                f"--config.data.{role}_name=gaia (or data.name=gaia)."
-            )
-        manual_dir = ""
-    return Dataset(name, builder_config, os.path.expanduser(manual_dir) if manual_dir else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -335,7 +335,11 @@ def test_bad_level_names_the_task_and_file(tmp_path, level):
     with pytest.raises(ValueError) as err:
         pipeline.load_examples("gaia", "validation", data_dir=tmp_path / "tfds", manual_dir=manual)
     message = str(err.value)
-    assert "t-zip" in message and str(path) in message and f"Level {'null' if level is None else repr(level)}" in message
+    assert (
+        "t-zip" in message
+        and str(path) in message
+        and f"Level {'null' if level is None else repr(level)}" in message
+    )
 
 
 def test_null_answer_is_rejected_in_validation_and_hidden_in_test(tmp_path):
@@ -373,3 +377,12 @@ def test_split_downloaded_after_the_build_names_the_folder_to_delete(tmp_path):
     shutil.rmtree(built)
     test = pipeline.load_examples("gaia", "test", data_dir=data_dir, manual_dir=manual)
     assert len(test) == len(_release_rows("test"))
+
+
+def test_a_folder_inside_the_download_names_the_one_to_use(tmp_path):
+    manual = _write_release(tmp_path / "GAIA")
+    for inside in (manual / "2023", manual / "2023" / "validation"):
+        with pytest.raises(FileNotFoundError, match=f"inside the download: use '{manual}'"):
+            pipeline.load_examples(
+                "gaia", "validation", data_dir=tmp_path / "tfds", manual_dir=inside
+            )

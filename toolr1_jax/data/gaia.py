@@ -84,12 +84,18 @@ def check_manual_dir(manual_dir: str | os.PathLike | None) -> None:
             os.path.dirname(d)
             for d in glob.glob(os.path.join(os.fspath(manual_dir), "snapshots", "*", "2023"))
         )
-        hint = (
-            f"\nThis is a Hugging Face cache folder: set manual_dir to a snapshot in it, "
-            f"{snapshots[-1]!r}."
-            if snapshots
-            else ""
-        )
+        hint = ""
+        if snapshots:
+            hint = (
+                f"\nThis is a Hugging Face cache folder: set manual_dir to a snapshot in it, "
+                f"{snapshots[-1]!r}."
+            )
+        # A folder one or two levels inside the download (2023/, 2023/validation/).
+        for root, depth in ((manual_dir, 1), (os.path.dirname(os.fspath(manual_dir)), 2)):
+            if any(_metadata_path(os.path.join(root, s)) for s in SPLITS):
+                above = os.path.dirname(os.path.abspath(root))
+                hint = f"\nThis folder is {depth} level(s) inside the download: use {above!r}."
+                break
         raise FileNotFoundError(
             f"No GAIA metadata found in {os.fspath(manual_dir)!r}: expected "
             f"{' or '.join(expected)}.{hint}\n{INSTRUCTIONS}"

@@ -201,6 +201,8 @@ def _zip() -> bytes:
 
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+# Far larger than one frame of the sandbox's tool channel: it travels in chunks.
+BIG_PNG = b"\x89PNG\r\n\x1a\n" + np.random.default_rng(0).bytes(3 * 2**20)
 JPG = b"\xff\xd8\xff\xe0" + bytes(range(255, -1, -1)) * 3
 MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 200
 M4A = b"\x00\x00\x00\x20ftypM4A " + b"\x00" * 300
@@ -208,6 +210,7 @@ M4A = b"\x00\x00\x00\x20ftypM4A " + b"\x00" * 300
 # name -> (content, a string its observation must contain)
 ATTACHMENTS = {
     "pic.png": (PNG, f"VLM saw image/png of {len(PNG)} bytes sha {_digest(PNG)}"),
+    "big.png": (BIG_PNG, f"VLM saw image/png of {len(BIG_PNG)} bytes sha {_digest(BIG_PNG)}"),
     "photo.jpg": (JPG, f"VLM saw image/jpeg of {len(JPG)} bytes sha {_digest(JPG)}"),
     "talk.mp3": (MP3, f"heard talk.mp3 (audio/mpeg, {len(MP3)} bytes, sha {_digest(MP3)})"),
     "memo.m4a": (M4A, f"heard memo.m4a (audio/mp4, {len(M4A)} bytes, sha {_digest(M4A)})"),
@@ -297,12 +300,22 @@ async def test_server_errors_name_the_server(server, attachments):
 
 
 def test_host_halves_reject_what_the_api_would():
-    vision = media.VisionRequest("http://127.0.0.1:9/v1", VISION_MODEL, KEY, 5.0)
+    uploads = media.Uploads(max_pending_bytes=10)
     with pytest.raises(media.MediaToolError, match="not base64"):
-        vision("a.png", "!!not base64!!", "q")
+        uploads.append("u", "!!not base64!!")
+    with pytest.raises(media.MediaToolError, match="at most"):
+        uploads.append("u", base64.b64encode(b"x" * (media.CHUNK_BYTES + 3)).decode())
+    # Past the pending limit the oldest uploads (abandoned by killed sessions) are dropped.
+    assert [uploads.append(u, base64.b64encode(b"123456").decode()) for u in "ab"] == [6, 6]
+    with pytest.raises(media.MediaToolError, match="no upload 'a'"):
+        uploads.take("a")
+    assert uploads.take("b") == b"123456"
+
+    vision = media.VisionRequest(uploads, "http://127.0.0.1:9/v1", VISION_MODEL, KEY, 5.0)
+    uploads.append("bmp", base64.b64encode(b"BM").decode())
     with pytest.raises(media.MediaToolError, match="not an image type"):
-        vision("a.bmp", base64.b64encode(b"BM").decode(), "q")
-    asr = media.TranscriptionRequest("http://127.0.0.1:9/v1", ASR_MODEL, KEY, 5.0)
+        vision("bmp", "a.bmp", "q")
+    asr = media.TranscriptionRequest(uploads, "http://127.0.0.1:9/v1", ASR_MODEL, KEY, 5.0)
     with pytest.raises(media.MediaToolError, match="no audio track"):
         import av
 
@@ -315,19 +328,20 @@ def test_host_halves_reject_what_the_api_would():
                 c.mux(packet)
             for packet in stream.encode(None):
                 c.mux(packet)
-        asr("silent.mov", base64.b64encode(buf.getvalue()).decode())
+        uploads.append("mov", base64.b64encode(buf.getvalue()).decode())
+        asr("mov", "silent.mov")
 
 
 def test_hidden_transports_stay_out_of_the_prompt(server):
     tools = _tools(server)
     assert [t.name for t in tools] == [
         "inspect_file", "describe_image", media.VISION_HOST_TOOL,
-        "transcribe_audio", media.TRANSCRIPTION_HOST_TOOL,
+        "transcribe_audio", media.TRANSCRIPTION_HOST_TOOL, media.UPLOAD_HOST_TOOL,
     ]  # fmt: skip
     for template in ("{tools}", "{tool_signatures}"):
         text = prompt.render_system_prompt(template, tools, ())
         assert "describe_image(path: str" in text and "transcribe_audio(path: str)" in text
-        assert "_request" not in text
+        assert "_request" not in text and "_upload" not in text
     assert not registry.render_tools([t for t in tools if t.hidden])
 
 

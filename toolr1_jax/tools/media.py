@@ -3,18 +3,22 @@
 `describe_image` asks a vision-language chat model (chat completions with an image content
 part); `transcribe_audio` sends audio, or a video's audio track, to a speech-to-text server
 (`/audio/transcriptions`). The sandbox has no network, so each tool has two halves: the policy
-calls an in-sandbox function that reads the file from its working directory and hands the bytes
-(base64, over the tool channel) to a hidden host tool that makes the request. Without a
-configured server there is no host half, and the tool says so when called.
+calls an in-sandbox function that reads the file from its working directory and uploads the
+bytes to the host in chunks (base64, through a hidden host tool; the channel takes small frames
+only), then asks a second hidden host tool to make the request. Without a configured server
+there is no host half, and the tool says so when called.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import io
 import os
 import sys
+import threading
+import uuid
 
 from toolr1_jax.tools import registry
 
@@ -41,9 +45,15 @@ AUDIO_TYPES = {
 # Containers whose audio track is extracted on the host (PyAV) before transcription.
 VIDEO_EXTENSIONS = (".mov", ".mp4", ".m4v", ".avi", ".mkv", ".wmv", ".flv", ".3gp")
 
-# Base64 grows data by 4/3 and the tool channel carries frames of up to 64 MiB.
 MAX_FILE_BYTES = 40 * 2**20
+# The sandbox bounds a host-tool call's arguments (256 KiB today); a chunk's base64 stays well
+# below that.
+CHUNK_BYTES = 128 * 2**10
+# Uploads held on the host at once (abandoned ones, from killed sessions, are evicted oldest
+# first past this).
+MAX_PENDING_BYTES = 4 * MAX_FILE_BYTES
 
+UPLOAD_HOST_TOOL = "_media_upload"
 VISION_HOST_TOOL = "_vision_request"
 TRANSCRIPTION_HOST_TOOL = "_transcription_request"
 DEFAULT_IMAGE_QUESTION = (
@@ -97,9 +107,14 @@ def _off(tool: str, path: str, what: str, keys: str) -> MediaToolError:
     )
 
 
-def _forward(tool: str, stub, *args) -> str:
+def _forward(tool: str, stub, data: bytes, *args) -> str:
+    upload = _host_half(UPLOAD_HOST_TOOL)
+    upload_id = uuid.uuid4().hex  # unguessable, so no other session can take this upload
     try:
-        return str(stub(*args))
+        # One chunk at least, so that an empty file is an upload too.
+        for start in range(0, max(len(data), 1), CHUNK_BYTES):
+            upload(upload_id, base64.b64encode(data[start : start + CHUNK_BYTES]).decode("ascii"))
+        return str(stub(upload_id, *args))
     except RuntimeError as e:  # the stub's wrapping of the host's error message
         raise MediaToolError(f"{tool}: {e}") from None
 
@@ -120,8 +135,7 @@ def describe_image(path: str, question: str = DEFAULT_IMAGE_QUESTION) -> str:
         raise _off("describe_image", path, "image understanding", "sandbox.vision_url")
     if not isinstance(question, str) or not question.strip():
         raise ValueError("describe_image: question must be a non-empty string")
-    encoded = base64.b64encode(data).decode("ascii")
-    return _forward("describe_image", stub, os.path.basename(path), encoded, question)
+    return _forward("describe_image", stub, data, os.path.basename(path), question)
 
 
 def transcribe_audio(path: str) -> str:
@@ -138,8 +152,7 @@ def transcribe_audio(path: str) -> str:
     if stub is None:
         what = "video (its audio track)" if ext in VIDEO_EXTENSIONS else "audio transcription"
         raise _off("transcribe_audio", path, what, "sandbox.transcription_url")
-    encoded = base64.b64encode(data).decode("ascii")
-    return _forward("transcribe_audio", stub, os.path.basename(path), encoded)
+    return _forward("transcribe_audio", stub, data, os.path.basename(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,15 +160,46 @@ def transcribe_audio(path: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _decode(file_name: str, data_b64: str) -> bytes:
-    if not isinstance(file_name, str) or not isinstance(data_b64, str):
-        raise MediaToolError("file_name and data must be strings")
-    if len(data_b64) > MAX_FILE_BYTES * 4 // 3 + 4:
-        raise MediaToolError(f"{file_name}: more than {MAX_FILE_BYTES // 2**20} MiB")
-    try:
-        return base64.b64decode(data_b64, validate=True)
-    except binascii.Error as e:
-        raise MediaToolError(f"{file_name}: the data is not base64 ({e})") from None
+class Uploads:
+    """Host half of the chunked upload: files in transit from sandboxes, by upload id.
+
+    One store serves every session of a pool; host tools run in executor threads, hence the lock.
+    """
+
+    def __init__(self, max_pending_bytes: int = MAX_PENDING_BYTES):
+        self.max_pending_bytes = max_pending_bytes
+        self._data: collections.OrderedDict[str, bytearray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def append(self, upload_id: str, data_b64: str) -> int:
+        """Adds a chunk; returns the upload's size so far."""
+        if not isinstance(upload_id, str) or not isinstance(data_b64, str):
+            raise MediaToolError("upload id and data must be strings")
+        if len(data_b64) > CHUNK_BYTES * 4 // 3 + 4:
+            raise MediaToolError(f"a chunk holds at most {CHUNK_BYTES} bytes")
+        try:
+            chunk = base64.b64decode(data_b64, validate=True)
+        except binascii.Error as e:
+            raise MediaToolError(f"the data is not base64 ({e})") from None
+        with self._lock:
+            buf = self._data.setdefault(upload_id, bytearray())
+            if len(buf) + len(chunk) > MAX_FILE_BYTES:
+                del self._data[upload_id]
+                raise MediaToolError(f"the file is over {MAX_FILE_BYTES // 2**20} MiB")
+            buf += chunk
+            self._data.move_to_end(upload_id)
+            while len(self._data) > 1 and (
+                sum(map(len, self._data.values())) > self.max_pending_bytes
+            ):
+                self._data.popitem(last=False)
+            return len(buf)
+
+    def take(self, upload_id: str) -> bytes:
+        with self._lock:
+            buf = self._data.pop(upload_id, None)
+        if buf is None:
+            raise MediaToolError(f"no upload {upload_id!r} (it was never sent, or evicted)")
+        return bytes(buf)
 
 
 def _client(base_url: str, api_key: str | None, timeout_s: float):
@@ -175,24 +219,28 @@ def _server_error(what: str, base_url: str, e: Exception) -> MediaToolError:
     return MediaToolError(f"the {what} server at {base_url} failed ({detail})")
 
 
-class VisionRequest:
+class _Request:
+    def __init__(
+        self, uploads: Uploads, base_url: str, model: str, api_key: str | None, timeout_s: float
+    ):
+        self.uploads = uploads
+        self.base_url = base_url
+        self.model = model
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+
+
+class VisionRequest(_Request):
     """Host half of `describe_image`: one chat completion with the image as a data URL."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float):
-        self.base_url, self.model, self.api_key, self.timeout_s = (
-            base_url,
-            model,
-            api_key,
-            timeout_s,
-        )
-
-    def __call__(self, file_name: str, data_b64: str, question: str) -> str:
+    def __call__(self, upload_id: str, file_name: str, question: str) -> str:
         import openai
 
-        ext = os.path.splitext(file_name)[1].lower()
+        data = self.uploads.take(upload_id)
+        ext = os.path.splitext(str(file_name))[1].lower()
         if ext not in IMAGE_TYPES:
             raise MediaToolError(f"{file_name}: not an image type the server takes")
-        _decode(file_name, data_b64)
+        data_b64 = base64.b64encode(data).decode("ascii")
         content = [
             {"type": "text", "text": str(question)},
             {
@@ -242,22 +290,14 @@ def video_audio_track(data: bytes, file_name: str) -> bytes:
         raise MediaToolError(f"{file_name}: cannot read the video ({e})") from None
 
 
-class TranscriptionRequest:
+class TranscriptionRequest(_Request):
     """Host half of `transcribe_audio`: one multipart POST to /audio/transcriptions."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float):
-        self.base_url, self.model, self.api_key, self.timeout_s = (
-            base_url,
-            model,
-            api_key,
-            timeout_s,
-        )
-
-    def __call__(self, file_name: str, data_b64: str) -> str:
+    def __call__(self, upload_id: str, file_name: str) -> str:
         import openai
 
-        data = _decode(file_name, data_b64)
-        stem, ext = os.path.splitext(file_name)
+        data = self.uploads.take(upload_id)
+        stem, ext = os.path.splitext(str(file_name))
         ext = ext.lower()
         if ext in VIDEO_EXTENSIONS:
             data, file_name, ext = video_audio_track(data, file_name), f"{stem}.wav", ".wav"
@@ -284,11 +324,13 @@ def make_media_tools(
     transcription_api_key: str | None,
     timeout_s: float,
 ) -> list[registry.Tool]:
-    """For each server with a URL ("" = off), its tool and the hidden host tool that serves it.
+    """For each server with a URL ("" = off), its tool and the hidden host tool that serves it,
+    plus the hidden upload tool they share.
 
     Off tools are left out of the prompt; `inspect_file` still meets images and audio and then
     says which server is missing.
     """
+    uploads = Uploads()
     tools = []
     for fn, url, name, cls, model, key in (
         (describe_image, vision_url, VISION_HOST_TOOL, VisionRequest, vision_model, vision_api_key),
@@ -310,9 +352,19 @@ def make_media_tools(
         tools.append(registry.make_tool(fn))
         tools.append(
             registry.make_tool(
-                cls(url, model, key, timeout_s),
+                cls(uploads, url, model, key, timeout_s),
                 name=name,
                 doc=f"Transport of {fn.__name__} to {url}; the policy does not call it.",
+                host=True,
+                hidden=True,
+            )
+        )
+    if tools:
+        tools.append(
+            registry.make_tool(
+                uploads.append,
+                name=UPLOAD_HOST_TOOL,
+                doc="Receives a chunk of a file for the media tools; the policy does not call it.",
                 host=True,
                 hidden=True,
             )

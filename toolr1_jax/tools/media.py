@@ -109,6 +109,8 @@ def _off(tool: str, path: str, what: str, keys: str) -> MediaToolError:
 
 def _forward(tool: str, stub, data: bytes, *args) -> str:
     upload = _host_half(UPLOAD_HOST_TOOL)
+    if upload is None:  # make_media_tools adds it with every server; a hand-built list may not
+        raise MediaToolError(f"{tool}: the {UPLOAD_HOST_TOOL} host tool is missing")
     upload_id = uuid.uuid4().hex  # unguessable, so no other session can take this upload
     try:
         # One chunk at least, so that an empty file is an upload too.
@@ -150,7 +152,7 @@ def transcribe_audio(path: str) -> str:
     data = _read("transcribe_audio", path)
     stub = _host_half(TRANSCRIPTION_HOST_TOOL)
     if stub is None:
-        what = "video (its audio track)" if ext in VIDEO_EXTENSIONS else "audio transcription"
+        what = "transcribing a video's audio track" if ext in VIDEO_EXTENSIONS else "transcription"
         raise _off("transcribe_audio", path, what, "sandbox.transcription_url")
     return _forward("transcribe_audio", stub, data, os.path.basename(path))
 
@@ -220,6 +222,8 @@ def _server_error(what: str, base_url: str, e: Exception) -> MediaToolError:
 
 
 class _Request:
+    """What both requests hold: the upload store and the server to call."""
+
     def __init__(
         self, uploads: Uploads, base_url: str, model: str, api_key: str | None, timeout_s: float
     ):
@@ -248,10 +252,9 @@ class VisionRequest(_Request):
                 "image_url": {"url": f"data:{IMAGE_TYPES[ext]};base64,{data_b64}"},
             },
         ]
+        client = _client(self.base_url, self.api_key, self.timeout_s)
         try:
-            completion = _client(
-                self.base_url, self.api_key, self.timeout_s
-            ).chat.completions.create(
+            completion = client.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": content}]
             )
         except openai.OpenAIError as e:
@@ -303,10 +306,9 @@ class TranscriptionRequest(_Request):
             data, file_name, ext = video_audio_track(data, file_name), f"{stem}.wav", ".wav"
         if ext not in AUDIO_TYPES:
             raise MediaToolError(f"{file_name}: not an audio type the server takes")
+        client = _client(self.base_url, self.api_key, self.timeout_s)
         try:
-            result = _client(
-                self.base_url, self.api_key, self.timeout_s
-            ).audio.transcriptions.create(
+            result = client.audio.transcriptions.create(
                 model=self.model, file=(file_name, data, AUDIO_TYPES[ext])
             )
         except openai.OpenAIError as e:

@@ -11,10 +11,15 @@ program is still running `kill_grace_s` later (stuck in C code, or ignoring the 
 host kills the worker's whole pid namespace, the session's variables are lost, and the next run
 starts a fresh interpreter and says so in `ExecResult.notice`.
 
-Between runs a session does not run at all: after each result the host kills every process in the
-session's cgroup but the interpreter, and stops the interpreter (SIGSTOP, all its threads) until
-the next run. Every frame from a worker is hostile input: bounded in size and depth, checked for
-types; a malformed one ends that session with a `crashed` result, never an exception.
+Between runs a session (almost) does not run: after each result the host kills every process in
+the session's cgroup but the interpreter. An interpreter left with threads is stopped (SIGSTOP,
+all its threads) until the next run. A lone interpreter thread, the usual case, has its session's
+CPU quota cut to 0.1% of a core once it has been idle for _THROTTLE_DELAY_S (its run loop is all
+that runs there, unless the program patched it): no context switches, and a session that is run
+again sooner, as in a throughput benchmark, pays nothing.
+
+Every frame from a worker is hostile input: bounded in size and depth, checked for types; a
+malformed one ends that session with a `crashed` result, never an exception.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ _STRING_SLACK = 200  # the worker's truncation markers on top of max_output_char
 _CALL_BYTES = 256 * 2**10
 _ESCAPED_CHAR_BYTES = 12  # ensure_ascii: a character outside the BMP is two \uXXXX escapes
 _SWEEP_ROUNDS = 100  # rounds of killing a run's leftover processes before killing the session
+# Changing a CPU quota costs the host little but the kernel a bandwidth-timer restart; measured, a
+# throttle/unthrottle pair after every run cut programs/s by a fifth in bench_sandbox.
+_THROTTLE_DELAY_S = 0.05
 
 
 class SandboxError(RuntimeError):
@@ -86,6 +94,9 @@ class Session:
         self._cgroup = cg
         self._oom_kills = 0
         self._worker: _Worker | None = None
+        self._stopped = False  # the worker is SIGSTOPped until the next run
+        self._throttled = False  # the session's CPU quota is cut until the next run
+        self._throttle_timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
         self._run_id = 0
         self._closed = False
@@ -160,6 +171,13 @@ class Session:
         w, self._worker = self._worker, None
         if w is None:
             return {}
+        self._stopped = False
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
+            self._throttle_timer = None
+        if self._throttled:  # the next worker joins the same cgroup
+            self._cgroup.unthrottle()
+            self._throttled = False
         with contextlib.suppress(SandboxError):  # the parent is gone, and its workers with it
             self._pool._send_zygote({"op": "kill", "pid": w.pid})
         w.writer.close()
@@ -175,7 +193,15 @@ class Session:
         w = self._worker
         self._run_id += 1
         start = time.perf_counter()
-        _signal(w, signal.SIGCONT)  # stopped since the last run ended
+        if self._throttle_timer is not None:
+            self._throttle_timer.cancel()
+            self._throttle_timer = None
+        if self._throttled:
+            self._cgroup.unthrottle()
+            self._throttled = False
+        if self._stopped:
+            _signal(w, signal.SIGCONT)
+            self._stopped = False
         protocol.write(w.writer, {"op": "run", "id": self._run_id, "code": code,
                                   "timeout_s": pool.timeout_s})  # fmt: skip
         try:
@@ -199,7 +225,12 @@ class Session:
         except _Malformed as e:
             return await self._malformed(e, start)
         result = dataclasses.replace(result, duration_s=time.perf_counter() - start)
-        if self._cgroup is not None:
+        tasks = self._cgroup.num_tasks() if self._cgroup is not None else None
+        if tasks == 1 and self._cgroup.can_throttle:
+            loop = asyncio.get_running_loop()
+            self._throttle_timer = loop.call_later(_THROTTLE_DELAY_S, self._throttle, w)
+            extra = ""
+        elif self._cgroup is not None:
             extra = await self._sweep(w)
         elif msg.get("children_alive"):
             # No cgroup to list them: the pid namespace is the only handle on what is left.
@@ -216,10 +247,18 @@ class Session:
             result = dataclasses.replace(result, status=status, error=error)
         return result
 
+    def _throttle(self, w: _Worker) -> None:
+        self._throttle_timer = None
+        if self._worker is w and self._cgroup is not None:
+            self._cgroup.throttle()
+            self._throttled = True
+
     async def _sweep(self, w: _Worker) -> str:
-        """After a run: stop the interpreter (background threads included) until the next run, and
-        kill every other process of the session, forked or cloned, whatever its exit signal."""
+        """After a run that left more than the interpreter's thread: stop the interpreter (its
+        threads included) until the next run, and kill every other process of the session, forked
+        or cloned, whatever its exit signal."""
         _signal(w, signal.SIGSTOP)
+        self._stopped = True
         killed: set[int] = set()
         for _ in range(_SWEEP_ROUNDS):
             strays = [p for p in self._cgroup.pids() if p != w.pid and not _is_zombie(p)]

@@ -191,6 +191,8 @@ class _Zygote:
         self.caps = caps
         self.seccomp = seccomp
         self.live: dict[int, str] = {}  # worker pid -> session id, until reaped
+        self.pidfds: dict[int, int] = {}
+        self.sel: selectors.BaseSelector | None = None
         self.pidns_fd = (
             os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
             if caps["pid_namespace"]
@@ -198,21 +200,18 @@ class _Zygote:
         )
 
     def serve(self) -> None:
-        sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(sig_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
+        # Exits are watched through a pidfd per worker, not SIGCHLD: the host stops and continues
+        # every worker around each run, and SIGCHLD would wake this loop twice per run for nothing.
+        # Orphans re-parented here (only without pid namespaces) are reaped on the 1 s tick.
         os.set_blocking(0, False)
         frames = protocol.FrameBuffer()
-        sel = selectors.DefaultSelector()
+        self.sel = sel = selectors.DefaultSelector()
         sel.register(0, selectors.EVENT_READ, "control")
-        sel.register(sig_r, selectors.EVENT_READ, "signal")
         running = True
         while running:
             for key, _ in sel.select(timeout=1.0):
-                if key.data == "signal":
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(sig_r, 4096)
-                    continue
+                if key.data != "control":
+                    continue  # a worker exited: reaped below
                 try:
                     data = os.read(0, 2**16)
                 except BlockingIOError:
@@ -267,6 +266,8 @@ class _Zygote:
         if self.pidns_fd >= 0:
             lockdown.setns(self.pidns_fd, lockdown.CLONE_NEWPID)
         self.live[pid] = req["sid"]
+        self.pidfds[pid] = os.pidfd_open(pid)  # cannot fail: an unreaped child keeps its pid
+        self.sel.register(self.pidfds[pid], selectors.EVENT_READ, pid)
         self.reply({"op": "spawned", "sid": req["sid"], "pid": pid})
 
     def kill(self, pid: int) -> None:
@@ -291,6 +292,10 @@ class _Zygote:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
+            pidfd = self.pidfds.pop(pid, None)
+            if pidfd is not None:
+                self.sel.unregister(pidfd)
+                os.close(pidfd)
             sid = self.live.pop(pid, None)
             if sid is not None:
                 if os.WIFSIGNALED(status):

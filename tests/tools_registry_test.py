@@ -26,6 +26,19 @@ def test_decorated_tool_pickles_by_name():
     assert pickle.loads(pickle.dumps(area)) is area
 
 
+def _perimeter(width: float, height: float) -> float:
+    """Perimeter of a rectangle."""
+    return 2 * (width + height)
+
+
+def test_hidden_tools_are_served_but_not_rendered():
+    hidden = registry.make_tool(_perimeter, name="_perimeter", hidden=True)
+    clone = pickle.loads(pickle.dumps(hidden))
+    assert (clone.hidden, clone(1.0, 2.0)) == (True, 6.0)
+    assert registry.render_tools([area, hidden]) == registry.render_tools([area])
+    assert registry.render_signatures([area, hidden]) == area.signature
+
+
 def test_bad_tools_are_rejected_with_the_reason():
     def untyped(x):
         """Doc."""

@@ -79,8 +79,15 @@ def main(argv):
     )
     sampling = build.sampling(config, seed=config.seed, for_eval=True)
     tools = build.tools(config, for_eval=True)
-    # Hidden answers leave a judge nothing to compare with.
-    judge = None if answers_hidden else build.judge(config, for_eval=True)
+    # GAIA's scorer grades every episode; a judge is an extra opinion, so a config that names a
+    # judge server for training but gives none (configs/gaia.py) still evaluates.
+    judge = None
+    if answers_hidden:
+        logging.info("not judged: the answers are hidden")
+    elif config.reward.judge == "openai" and not config.reward.judge_url:
+        logging.info("not judged: reward.judge_url is empty; GAIA's scorer grades the episodes")
+    else:
+        judge = build.judge(config, for_eval=True)
 
     async def run():
         async with build.sandbox_pool(config, tools) as pool:

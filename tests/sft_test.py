@@ -237,8 +237,12 @@ def hand_batch(b=8, length=10, seed=0):
 
 @functools.cache
 def _grad_fn(graphdef, num_microbatches, chunk_size, mesh=None):
-    return sft.make_sft_grad_fn(
-        graphdef, num_microbatches=num_microbatches, chunk_size=chunk_size, mesh=mesh
+    return update.make_grad_fn(
+        graphdef,
+        update.SFT_LOSS,
+        num_microbatches=num_microbatches,
+        chunk_size=chunk_size,
+        mesh=mesh,
     )
 
 
@@ -304,7 +308,7 @@ def test_a_batch_without_loss_tokens_gives_zero_loss_and_zero_gradient():
 
 def test_sft_batches_pad_to_fixed_shapes_and_reject_what_does_not_fit(suite):
     demos = suite.train_demos[:3]
-    batch = sft.make_sft_batch(demos, batch_size=4, max_len=320)
+    batch = update.make_batch(demos, batch_size=4, max_len=320)
     assert batch.tokens.shape == batch.loss_mask.shape == (4, 320)
     for row, d in enumerate(demos):
         n = len(d.tokens)
@@ -313,9 +317,9 @@ def test_sft_batches_pad_to_fixed_shapes_and_reject_what_does_not_fit(suite):
         assert batch.attn_mask[row].sum() == n
     assert not batch.attn_mask[3].any() and not batch.loss_mask[3].any()
     with pytest.raises(ValueError, match="max_len"):
-        sft.make_sft_batch(demos, batch_size=4, max_len=100)
+        update.make_batch(demos, batch_size=4, max_len=100)
     with pytest.raises(ValueError, match="batch_size"):
-        sft.make_sft_batch(demos, batch_size=2, max_len=320)
+        update.make_batch(demos, batch_size=2, max_len=320)
     graphdef, state = random_state(SMALL)
     with pytest.raises(ValueError, match="max_len"):
         sft.run_sft(

@@ -1,7 +1,10 @@
 """The trainer end to end: `configs/gaia.py:debug` through `train.py`, exact resume after SIGKILL,
-recovery from a corrupt checkpoint, and config errors that fail before any work."""
+recovery from a corrupt checkpoint, progress a run without a terminal logs, a non-finite loss that
+stops the run, a resume that needs no `model.init_from`, and config errors that fail before any
+work."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -15,8 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import gaia
 from tests import helpers
-from toolr1_jax import models
+from toolr1_jax import models, trainer, update
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Wall-clock and compile metrics differ between runs; everything else must match exactly.
@@ -81,6 +85,8 @@ def reference_run(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("reference")
     proc = _run(workdir, data_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Its log (stderr is a pipe here, not a terminal) for the progress test below.
+    (workdir / "stderr.txt").write_text(proc.stderr)
     return workdir
 
 
@@ -154,6 +160,91 @@ def test_corrupt_latest_checkpoint_resumes_from_previous(tmp_path, data_dir, ref
     assert "step 3" in proc.stderr and "falling back to step 2" in proc.stderr
     assert "Resumed from workdir at step 2" in proc.stderr
     _assert_trees_equal(_final_state(workdir, 3), _final_state(reference_run, 3))
+
+
+def test_a_run_without_a_terminal_logs_each_step_and_queue_metrics(reference_run):
+    log_text = (reference_run / "stderr.txt").read_text()
+    for step in (1, 2, 3):
+        line = next((x for x in log_text.splitlines() if f"step {step}/3: reward " in x), None)
+        assert line is not None, log_text[-3000:]
+        for figure in ("accuracy", "loss", "queue", "fresh", "replayed", "rollout", "update"):
+            assert figure in line, line
+    rows = _metrics(reference_run)
+    for step in (1, 2, 3):
+        queue = {k: v for k, v in rows[step].items() if k.startswith("queue/")}
+        assert {"queue/entries", "queue/questions_tried_frac"} <= set(queue), rows[step]
+    # Four questions a step, new ones first: the share of questions tried grows.
+    assert rows[1]["queue/questions_tried_frac"] > 0
+
+
+def _debug_config(data_dir, **overrides):
+    """configs/gaia.py:debug for an in-process run: no eval, no export."""
+    config = gaia.get_config("debug")
+    config.data.data_dir = str(data_dir)
+    config.log.progress_bar = False
+    config.log.eval_every_steps = 0
+    config.ckpt.export_hf = False
+    for key, value in overrides.items():
+        group, name = key.split(".")
+        config[group][name] = value
+    return config
+
+
+def _poison_step(monkeypatch, at_call):
+    """Makes the trainer's update step diverge at its `at_call`-th call: NaN params and loss."""
+    real = update.make_train_step
+
+    def make(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def diverging(state, opt_state, batch, ref_state=None):
+            state, opt_state, metrics = step(state, opt_state, batch, ref_state)
+            calls.append(None)
+            if len(calls) == at_call:
+                state = jax.tree.map(lambda x: x * np.nan, state)
+                metrics = {**metrics, "loss": np.float32(np.nan)}
+            return state, opt_state, metrics
+
+        return diverging
+
+    monkeypatch.setattr(update, "make_train_step", make)
+
+
+def test_non_finite_loss_stops_the_run_and_the_resume_needs_no_init_from(
+    tmp_path, data_dir, monkeypatch, caplog
+):
+    # A policy from a Hugging Face directory, which disappears after the first run.
+    policy = helpers.make_hf_model_dir(tmp_path, name="policy", max_position_embeddings=1024)
+    helpers.make_chatml_tokenizer_dir(tmp_path, name="policy")
+    workdir = tmp_path / "run"
+    config = _debug_config(data_dir, **{"model.init_from": str(policy), "model.dtype": "float32"})
+    config.total_steps = 3
+
+    # Step 2's loss is NaN: the run stops there, naming the step, the metric and step 1's
+    # checkpoint, and nothing of step 2 reaches the disk.
+    _poison_step(monkeypatch, at_call=2)
+    with pytest.raises(update.NonFiniteError) as error:
+        trainer.train(config, str(workdir))
+    message = str(error.value)
+    assert "GRPO step 2" in message and "loss is nan" in message, message
+    assert str(workdir / "checkpoints" / "1") in message, message
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [1]
+    for x in jax.tree.leaves(_final_state(workdir, 1)):
+        assert np.all(np.isfinite(x))
+    rows = _metrics(workdir)
+    assert sorted(rows) == [1]
+
+    # The resume restores step 1 and trains on, with model.init_from gone.
+    monkeypatch.undo()
+    shutil.rmtree(policy)
+    with caplog.at_level(logging.INFO):
+        metrics = trainer.train(config, str(workdir))
+    assert "Resumed from workdir at step 1" in caplog.text
+    assert math.isfinite(metrics["update/loss"])
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [1, 2, 3]
+    assert sorted(_metrics(workdir)) == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

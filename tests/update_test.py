@@ -9,6 +9,7 @@ from flax import nnx
 
 from tests import helpers
 from toolr1_jax import sharding, update
+from toolr1_jax.data import types as data_types
 from toolr1_jax.models import model as model_lib
 
 B, L = 8, 12
@@ -211,3 +212,53 @@ def test_fully_masked_batch_gives_zero_gradient_and_finite_metrics():
     assert metrics["num_tokens"] == 0
     for k, v in metrics.items():
         assert np.isfinite(v), (k, v)
+
+
+def _traj(n, status, reward=0.0, prompt_len=2):
+    return data_types.Trajectory(
+        task_id=f"t{n}",
+        group_id=0,
+        tokens=np.arange(1, n + 1, dtype=np.int32),
+        loss_mask=(np.arange(n) >= prompt_len).astype(np.int32),
+        behaviour_logprobs=np.where(np.arange(n) >= prompt_len, -0.5, 0.0).astype(np.float32),
+        prompt_len=prompt_len,
+        policy_version=0,
+        turns=(),
+        final_answer=None,
+        status=status,
+        reward=reward,
+    )
+
+
+def test_make_batch_pads_rows_places_advantages_and_masks_truncated_episodes():
+    trajs = [_traj(5, "answered"), _traj(7, "max_tokens"), _traj(3, "parse_error")]
+    batch = update.make_batch(
+        trajs, batch_size=4, max_len=8, advantages=[1.5, -0.5, 0.25], drop_truncated=True
+    )
+    assert batch.tokens.shape == batch.loss_mask.shape == batch.behaviour_logprobs.shape == (4, 8)
+    np.testing.assert_array_equal(batch.advantages, [1.5, -0.5, 0.25, 0.0])
+    for row, t in enumerate(trajs):
+        n = len(t.tokens)
+        np.testing.assert_array_equal(batch.tokens[row, :n], t.tokens)
+        assert batch.attn_mask[row].sum() == n and not batch.tokens[row, n:].any()
+        np.testing.assert_array_equal(batch.behaviour_logprobs[row, :n], t.behaviour_logprobs)
+    # The episode cut by max_tokens keeps its tokens but gives no loss tokens.
+    np.testing.assert_array_equal(batch.loss_mask[0], [0, 0, 1, 1, 1, 0, 0, 0])
+    assert not batch.loss_mask[1].any() and batch.loss_mask[2].sum() == 1
+    assert not batch.attn_mask[3].any() and not batch.loss_mask[3].any()
+    kept = update.make_batch(trajs, batch_size=4, max_len=8, drop_truncated=False)
+    np.testing.assert_array_equal(kept.loss_mask[1, :7], trajs[1].loss_mask)
+    assert not kept.advantages.any()
+    with pytest.raises(ValueError, match="max_len"):
+        update.make_batch(trajs, batch_size=4, max_len=6)
+
+
+def test_check_finite_names_the_step_the_metric_and_the_last_good_checkpoint():
+    update.check_finite(
+        {"loss": 0.5, "grad_norm": 2.0, "kl": float("nan")}, where="x", last_good=""
+    )
+    for key in update.GUARDED_METRICS:
+        for bad in (float("nan"), float("inf")):
+            metrics = {"loss": 0.5, "grad_norm": 2.0, key: bad}
+            with pytest.raises(update.NonFiniteError, match=f"GRPO step 7: {key} is {bad}"):
+                update.check_finite(metrics, where="GRPO step 7", last_good="/ckpt/6")

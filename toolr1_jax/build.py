@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from toolr1_jax import engine as engine_lib
-from toolr1_jax import update
+from toolr1_jax import sft, sharding, update
 from toolr1_jax.agent import prompt, rollout
 from toolr1_jax.data import pipeline, synthetic
 from toolr1_jax.models import model as model_lib
@@ -24,6 +25,118 @@ from toolr1_jax.tools import files, media, search, web
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
+
+
+_PATH_KEYS = (
+    ("model", "init_from"),
+    ("model", "tokenizer"),
+    ("data", "data_dir"),
+    ("data", "manual_dir"),
+    ("data", "train_manual_dir"),
+    ("data", "eval_manual_dir"),
+    ("ckpt", "resume_from"),
+)
+
+
+def expand_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with `~` expanded in every path key."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for group, key in _PATH_KEYS:
+        value = config[group][key]
+        if value:
+            config[group][key] = os.path.expanduser(value)
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, *, resuming: bool) -> None:
+    """Every check that needs no work done, once, before any model, data or sandbox is touched;
+    the library then trusts what it is given. `resuming`: a checkpoint will be restored, so
+    `model.init_from` is not read (and need not exist any more)."""
+    m = config.mesh
+    try:
+        sharding.make_mesh(m.data, m.fsdp, m.tensor)
+    except ValueError as e:
+        raise ConfigError(
+            f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: {e}"
+        ) from None
+    if (
+        config.model.init_from
+        and not resuming
+        and not os.path.isfile(os.path.join(config.model.init_from, "config.json"))
+    ):
+        preset = config.model.preset
+        repo = config.model.hf_repo
+        hint = (
+            f" Download it first, e.g. `huggingface-cli download {repo} --local-dir "
+            f"{config.model.init_from}` (preset {preset!r})."
+            if repo
+            else ""
+        )
+        raise ConfigError(
+            f"model.init_from={config.model.init_from!r} is not a Hugging Face model directory "
+            f"(no config.json).{hint}"
+        )
+    if config.model.tokenizer and not os.path.isdir(config.model.tokenizer):
+        raise ConfigError(f"model.tokenizer={config.model.tokenizer!r} is not a directory.")
+    if (
+        not config.model.init_from
+        and not config.model.tokenizer
+        and config.data.name != "synthetic"
+    ):
+        raise ConfigError(
+            "Set model.init_from (a local Hugging Face checkpoint) or model.tokenizer: only "
+            "the synthetic suite can train its own tokenizer for a from-scratch model."
+        )
+    for key in ("num_train", "num_eval"):
+        if getattr(config.data, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {getattr(config.data, key)}.")
+    g = config.grpo
+    for key in ("questions_per_step", "group_size", "updates_per_batch"):
+        if getattr(g, key) < 1:
+            raise ConfigError(f"grpo.{key} must be >= 1, got {getattr(g, key)}.")
+    if g.questions_per_step % jax.process_count():
+        raise ConfigError(
+            f"grpo.questions_per_step={g.questions_per_step} must be a multiple of the number "
+            f"of processes ({jax.process_count()}): each rolls out an equal share."
+        )
+    batch = g.questions_per_step * g.group_size
+    if batch % config.optim.num_microbatches:
+        raise ConfigError(
+            f"optim.num_microbatches={config.optim.num_microbatches} must divide the batch "
+            f"grpo.questions_per_step * grpo.group_size = {batch}."
+        )
+    if config.agent.max_total_tokens > config.engine.max_len:
+        raise ConfigError(
+            f"agent.max_total_tokens={config.agent.max_total_tokens} exceeds "
+            f"engine.max_len={config.engine.max_len}."
+        )
+    if config.queue.enabled and config.queue.max_replay >= g.group_size:
+        raise ConfigError(
+            f"queue.max_replay={config.queue.max_replay} must be below grpo.group_size="
+            f"{g.group_size}: every group needs at least one fresh episode."
+        )
+    if config.sft.enabled:
+        for key in ("num_steps", "batch_size", "num_demos"):
+            if getattr(config.sft, key) < 1:
+                raise ConfigError(f"sft.{key} must be >= 1, got {getattr(config.sft, key)}.")
+    r = config.reward
+    if r.judge not in ("rule", "openai", "local"):
+        raise ConfigError(f"reward.judge must be rule, openai or local, got {r.judge!r}.")
+    if r.judge == "openai" and not r.judge_url:
+        raise ConfigError("reward.judge='openai' needs reward.judge_url (an OpenAI-style /v1).")
+    if r.judge == "local" and not r.judge_model:
+        raise ConfigError("reward.judge='local' needs reward.judge_model (a local HF dir).")
+    try:
+        optimizer(config, config.total_steps)
+        if config.sft.enabled:
+            sft.make_optimizer(sft_config(config))
+    except ValueError as e:
+        raise ConfigError(f"optim.* / sft.* / total_steps: {e}") from None
+    dtype(config)
+    levels(config)
+    agent_config(config)
+    loss_config(config)
+    reward_config(config)
 
 
 def levels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
@@ -176,14 +289,13 @@ def sandbox_pool(config: ml_collections.ConfigDict, tools) -> pool_lib.SandboxPo
 
 
 def judge(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> judge_lib.Judge | None:
-    """The reward judge. With `for_eval`, the rule judge is None: it *is* the GAIA scorer that
-    evaluation always applies, so its agreement with the scorer would say nothing."""
+    """The reward judge (`reward.*`, checked by `validate`). With `for_eval`, the rule judge is
+    None: it *is* the GAIA scorer that evaluation always applies, so its agreement with the
+    scorer would say nothing."""
     r = config.reward
     if r.judge == "rule":
         return None if for_eval else judge_lib.make_judge("rule")
     if r.judge == "openai":
-        if not r.judge_url:
-            raise ConfigError("reward.judge='openai' needs reward.judge_url (an OpenAI-style /v1).")
         return judge_lib.make_judge(
             "openai",
             base_url=r.judge_url,
@@ -192,11 +304,7 @@ def judge(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> judge
             timeout_s=r.judge_timeout_s,
             max_concurrency=r.judge_max_concurrency,
         )
-    if r.judge == "local":
-        if not r.judge_model:
-            raise ConfigError("reward.judge='local' needs reward.judge_model (a local HF dir).")
-        return judge_lib.make_judge("local", model_dir=r.judge_model)
-    raise ConfigError(f"reward.judge must be rule, openai or local, got {r.judge!r}")
+    return judge_lib.make_judge("local", model_dir=r.judge_model)
 
 
 def reward_config(config: ml_collections.ConfigDict) -> reward_lib.RewardConfig:
@@ -247,6 +355,21 @@ def loss_config(config: ml_collections.ConfigDict) -> update.LossConfig:
         aggregation=g.aggregation,
         # The trainer recomputes log-probs of logits / T, as the sampler drew them (greedy: T=1).
         temperature=config.agent.temperature or 1.0,
+    )
+
+
+def sft_config(config: ml_collections.ConfigDict) -> sft.SFTConfig:
+    s, o = config.sft, config.optim
+    return sft.SFTConfig(
+        num_demos=s.num_demos,
+        num_steps=s.num_steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup_steps=s.warmup_steps,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        num_microbatches=o.num_microbatches,
+        seed=config.seed,
     )
 
 

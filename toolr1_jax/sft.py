@@ -1,8 +1,9 @@
 """Cold-start SFT: demonstrations played from reference solutions, and the masked-NLL update.
 
 `demonstrations` runs each example's reference solution through a real sandbox session as the
-assistant's turns and tokenizes the episode exactly as `agent.rollout` would; `make_sft_step` and
-`run_sft` fit the policy to the assistant tokens of those episodes before GRPO starts.
+assistant's turns and tokenizes the episode exactly as `agent.rollout` would; `run_sft` fits the
+policy to the assistant tokens of those episodes with `update`'s step and SFT loss, and
+`cold_start` is the trainer's stage that does both before GRPO starts.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from toolr1_jax import grpo, update
+from toolr1_jax import update
 from toolr1_jax.agent import parse, prompt
 from toolr1_jax.agent import rollout as rollout_lib
 from toolr1_jax.data import types as data_types
@@ -94,8 +94,6 @@ async def demonstrations(
     sessions = asyncio.Semaphore(limit)
 
     async def one(index, example):
-        if not isinstance(example, data_types.Example):
-            raise TypeError(f"examples[{index}] must be an Example, got {type(example).__name__}")
         turns = _turn_texts(example, agent_config)
         if isinstance(turns, _Skip):
             return turns
@@ -198,157 +196,8 @@ async def _play(index, example, turns, system_prompt, tokenizer, pool, config):
 
 
 # ---------------------------------------------------------------------------------------------
-# The update
+# The driver: `update`'s one step builder with its SFT loss
 # ---------------------------------------------------------------------------------------------
-
-
-def token_stats(model, tokens, positions, attn_mask, *, chunk_size: int = 256):
-    """Per-token float32 log-probs and argmax hits [B, T] each, aligned like `grpo`'s.
-
-    `logp[:, t] = log p(tokens[:, t] | tokens[:, :t])` and `hit[:, t]` is 1.0 where that token
-    is the most likely one; position 0 holds (0, 0). The LM head runs `chunk_size` positions at
-    a time (grpo's chunked head with its hand-written backward), so [B, T, V] is never whole.
-    """
-    return grpo.sequence_logprobs(
-        model, tokens, positions, attn_mask, 1.0, chunk_size=chunk_size, stat="argmax_hit"
-    )
-
-
-def _make_grads(graphdef, num_microbatches: int, mesh, chunk_size: int):
-    """(state, batch) -> (gradients of the mean masked NLL [float32], metrics)."""
-
-    def micro_loss(state, mb):
-        model = nnx.merge(graphdef, state)
-        lp, hit = token_stats(model, mb.tokens, mb.positions, mb.attn_mask, chunk_size=chunk_size)
-        mask = (mb.loss_mask * mb.attn_mask).astype(jnp.float32)
-        mask = mask.at[:, 0].set(0.0)  # position 0 has no prediction, whatever its mask says
-        return -jnp.sum(lp * mask), (jnp.sum(hit * mask), jnp.sum(mask))
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-    def grads_and_metrics(state, batch: update.Batch):
-        mbs = update._microbatches(batch, num_microbatches, mesh)
-
-        def body(carry, mb):
-            acc, nll, hits, count = carry
-            (mb_nll, (mb_hits, mb_count)), g = grad_fn(state, mb)
-            # Sums in float32 over micro-batches, divided once by the batch's token count.
-            acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
-            return (acc, nll + mb_nll, hits + mb_hits, count + mb_count), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state)
-        scalar = jnp.zeros((), jnp.float32)
-        (acc, nll, hits, count), _ = jax.lax.scan(body, (zeros, scalar, scalar, scalar), mbs)
-        # A batch without loss tokens gives zero loss and zero gradient, not NaN.
-        den = jnp.where(count > 0, count, 1.0)
-        grads = jax.tree.map(lambda g: g / den, acc)
-        metrics = {
-            "loss": nll / den,
-            "token_accuracy": hits / den,
-            "num_tokens": count,
-            "grad_norm": optax.tree.norm(grads),
-        }
-        return grads, metrics
-
-    return grads_and_metrics
-
-
-def _check_microbatches(num_microbatches):
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be an integer >= 1, got {num_microbatches!r}.")
-
-
-def make_sft_grad_fn(
-    graphdef, *, num_microbatches: int = 1, mesh=None, chunk_size: int = 256
-) -> Callable:
-    """Jitted `(state, batch) -> (grads, metrics)` of the SFT loss, for diagnostics and tests."""
-    _check_microbatches(num_microbatches)
-    grads_and_metrics = _make_grads(graphdef, num_microbatches, mesh, chunk_size)
-    jitted = update._jit_on_mesh(
-        lambda state, _, batch, __: grads_and_metrics(state, batch),
-        mesh,
-        lambda state_s, _: (state_s, None),
-    )
-    return lambda state, batch: jitted(state, None, batch, None)
-
-
-def make_sft_step(
-    graphdef,
-    optimizer: optax.GradientTransformation,
-    *,
-    num_microbatches: int = 1,
-    mesh=None,
-    chunk_size: int = 256,
-) -> Callable:
-    """Returns `step(state, opt_state, batch) -> (state, opt_state, metrics)`.
-
-    Minimises the mean negative log-likelihood of the tokens where `batch.loss_mask` (and
-    `attn_mask`) is set; `batch` is an `update.Batch` whose `behaviour_logprobs`, `advantages`
-    and `prox_logprobs` are ignored (see `make_sft_batch`). Gradients are summed over
-    `num_microbatches` strided slices and divided once by the batch's token count, so the update
-    equals the full-batch one. Metrics: loss, token_accuracy (argmax hits), num_tokens,
-    grad_norm. `state` and `opt_state` are donated. With a `mesh` the batch's leading dim is
-    sharded over ('data', 'fsdp') and params keep their shardings. `step.num_compilations`
-    counts traces.
-    """
-    _check_microbatches(num_microbatches)
-    grads_and_metrics = _make_grads(graphdef, num_microbatches, mesh, chunk_size)
-
-    def step(state, opt_state, batch, _):
-        sft_step.num_compilations += 1  # runs at trace time only
-        grads, metrics = grads_and_metrics(state, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, state)
-        state = optax.apply_updates(state, updates)
-        return state, opt_state, metrics
-
-    jitted = update._jit_on_mesh(
-        step, mesh, lambda state_s, opt_s: (state_s, opt_s, None), donate_argnums=(0, 1)
-    )
-
-    def sft_step(state, opt_state, batch):
-        return jitted(state, opt_state, batch, None)
-
-    sft_step.num_compilations = 0
-    return sft_step
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver
-# ---------------------------------------------------------------------------------------------
-
-
-def make_sft_batch(
-    trajectories: Sequence[data_types.Trajectory], *, batch_size: int, max_len: int
-) -> update.Batch:
-    """Right-pads up to `batch_size` trajectories to a host `update.Batch` [batch_size, max_len].
-
-    Padding rows and positions have `attn_mask` False and `loss_mask` 0; `advantages` and
-    `behaviour_logprobs` are zeros (the SFT loss reads neither).
-    """
-    if len(trajectories) > batch_size:
-        raise ValueError(f"{len(trajectories)} trajectories do not fit batch_size {batch_size}.")
-    tokens = np.zeros((batch_size, max_len), np.int32)
-    attn = np.zeros((batch_size, max_len), bool)
-    loss_mask = np.zeros((batch_size, max_len), np.float32)
-    for row, t in enumerate(trajectories):
-        n = len(t.tokens)
-        if n > max_len:
-            raise ValueError(
-                f"Trajectory {t.task_id} has {n} tokens, more than max_len {max_len}; "
-                "raise max_len (or filter demonstrations by AgentConfig.max_total_tokens)."
-            )
-        tokens[row, :n] = t.tokens
-        attn[row, :n] = True
-        loss_mask[row, :n] = t.loss_mask
-    positions = np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch_size, max_len))
-    return update.Batch(
-        tokens=tokens,
-        positions=np.ascontiguousarray(positions),
-        attn_mask=attn,
-        loss_mask=loss_mask,
-        behaviour_logprobs=np.zeros((batch_size, max_len), np.float32),
-        advantages=np.zeros((batch_size,), np.float32),
-    )
 
 
 def _shuffled(n: int, seed: int) -> Iterator[int]:
@@ -379,15 +228,13 @@ def run_sft(
     Batches take `batch_size` demonstrations at a time from a seeded shuffle (reshuffled each
     epoch; a batch may repeat one when there are fewer demonstrations than rows), padded to
     `[batch_size, max_len]` so the step compiles once. `state` and `opt_state` are donated.
-    Each step's metrics (see `make_sft_step`, plus `step_s`, its wall time with the metrics on
-    the host) go to the history and to `on_metrics(step, metrics)`. Every process of a
-    multi-host run must pass the same demonstrations and seed.
+    Each step's metrics (see `update.SFTLoss`, plus `step_s`, its wall time with the metrics on
+    the host) go to the history and to `on_metrics(step, metrics)`; a non-finite loss or
+    gradient norm raises `update.NonFiniteError`. Every process of a multi-host run must pass
+    the same demonstrations and seed.
     """
     if not demos:
         raise ValueError("run_sft needs at least one demonstration.")
-    for name, value, least in (("num_steps", num_steps, 0), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"run_sft: {name} must be an integer >= {least}, got {value!r}.")
     longest = max(demos, key=lambda t: len(t.tokens))
     if len(longest.tokens) > max_len:
         raise ValueError(
@@ -396,19 +243,111 @@ def run_sft(
         )
     if not any(t.loss_mask.any() for t in demos):
         raise ValueError("No demonstration has a loss token (loss_mask is 0 everywhere).")
-    step_fn = make_sft_step(
-        graphdef, optimizer, num_microbatches=num_microbatches, mesh=mesh, chunk_size=chunk_size
+    step_fn = update.make_train_step(
+        graphdef,
+        optimizer,
+        update.SFT_LOSS,
+        num_microbatches=num_microbatches,
+        mesh=mesh,
+        chunk_size=chunk_size,
     )
     order = _shuffled(len(demos), seed)
     history = []
     for step in range(num_steps):
         rows = [demos[next(order)] for _ in range(batch_size)]
-        batch = make_sft_batch(rows, batch_size=batch_size, max_len=max_len)
+        batch = update.make_batch(rows, batch_size=batch_size, max_len=max_len)
         t0 = time.perf_counter()
         state, opt_state, metrics = step_fn(state, opt_state, batch)
+        # Host-device sync: the step's metrics come back (and with them the step is done).
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics["step_s"] = time.perf_counter() - t0
+        update.check_finite(metrics, where=f"SFT step {step}", last_good="none (SFT runs first)")
         history.append(metrics)
         if on_metrics is not None:
             on_metrics(step, metrics)
     return state, opt_state, history
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The cold-start stage's settings (`build.sft_config`)."""
+
+    num_demos: int  # training examples whose reference solutions are played
+    num_steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    num_microbatches: int
+    seed: int
+
+
+def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
+    """The stage's own optimizer (GRPO starts with a fresh one)."""
+    return update.make_optimizer(
+        lr=config.lr,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.num_steps + 1,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+    )
+
+
+async def cold_start(
+    examples: Sequence[data_types.Example],
+    config: SFTConfig,
+    *,
+    tokenizer,
+    pool,
+    agent_config: rollout_lib.AgentConfig,
+    graphdef,
+    state,
+    mesh,
+) -> tuple[nnx.State, dict[str, float]]:
+    """The trainer's SFT stage: plays the reference solutions of the first `num_demos` examples
+    that have one, fits the policy to them with a fresh optimizer, and returns the new params
+    (`state` is donated) with the stage's metrics (`sft/*`)."""
+    t0 = time.perf_counter()
+    chosen = [e for e in examples if e.metadata.get("solution")][: config.num_demos]
+    demos, skipped = await demonstrations(
+        chosen, tokenizer=tokenizer, pool=pool, agent_config=agent_config
+    )
+    if not demos:
+        raise ValueError(
+            f"sft.enabled: no usable demonstration among {len(chosen)} training examples "
+            f"(skipped: {skipped}); the dataset needs reference solutions."
+        )
+    optimizer = make_optimizer(config)
+    state, _, history = run_sft(
+        demos,
+        graphdef=graphdef,
+        state=state,
+        optimizer=optimizer,
+        opt_state=optimizer.init(state),
+        num_steps=config.num_steps,
+        batch_size=config.batch_size,
+        # Pad to the longest demonstration rounded up to 64 (not the episode budget): one
+        # compile, less padding.
+        max_len=min(
+            agent_config.max_total_tokens, -(-max(len(d.tokens) for d in demos) // 64) * 64
+        ),
+        seed=config.seed,
+        mesh=mesh,
+        num_microbatches=config.num_microbatches,
+    )
+    _log.info(
+        "SFT: %d steps on %d demonstrations (skipped %s), loss %.3f -> %.3f.",
+        config.num_steps,
+        len(demos),
+        skipped,
+        history[0]["loss"],
+        history[-1]["loss"],
+    )
+    metrics = {
+        "sft/loss_first": history[0]["loss"],
+        "sft/loss_last": history[-1]["loss"],
+        "sft/num_demos": float(len(demos)),
+        "sft/time_s": time.perf_counter() - t0,
+    }
+    return state, metrics

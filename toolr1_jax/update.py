@@ -1,10 +1,12 @@
-"""The jitted GRPO update: micro-batched forward and loss, accumulated gradients, optax step.
+"""The one jitted update step: micro-batched forward and loss, accumulated gradients, optax step.
 
-Usage from the trainer:
+GRPO (`LossConfig`) and cold-start SFT (`SFT_LOSS`) plug their per-micro-batch loss into the same
+step builder; `make_batch` turns trajectories into the fixed-shape `Batch` both read.
+
     graphdef, state = nnx.split(model)          # every variable must be an nnx.Param
     optimizer = make_optimizer(...)
     opt_state = optimizer.init(state)
-    step = make_train_step(graphdef, optimizer, loss_config, num_microbatches=4, mesh=mesh)
+    step = make_train_step(graphdef, optimizer, loss, num_microbatches=4, mesh=mesh)
     state, opt_state, metrics = step(state, opt_state, batch, ref_state)
 `state` and `opt_state` are donated; keep no other reference to them.
 """
@@ -12,18 +14,27 @@ Usage from the trainer:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from toolr1_jax import grpo
+from toolr1_jax.data import types as data_types
 
 BATCH_AXES = ("data", "fsdp")
+
+# Episode statuses that mean a limit cut the episode short (`drop_truncated` masks them out).
+TRUNCATED_STATUSES = ("max_turns", "max_tokens", "timeout")
+
+# The metrics whose non-finite value stops a run (see `check_finite`).
+GUARDED_METRICS = ("loss", "grad_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +64,62 @@ class LossConfig:
                 "Need clip_low >= 0, clip_high >= 0, is_cap > 0 and beta >= 0; got "
                 f"{self.clip_low}, {self.clip_high}, {self.is_cap}, {self.beta}."
             )
+
+    # The statistic of each token's distribution the forward returns next to the log-probs.
+    stat = "entropy"
+
+    def micro_loss(self, logp, entropy, mb: Batch, ref_logp):
+        """GRPO on one micro-batch: `(loss_sum, denominator, metrics)`, see `grpo.grpo_loss`."""
+        # One optimizer step per rollout batch: the params have not moved since the rollout
+        # batch was formed, so the current log-probs (stop-gradient) are pi_prox exactly.
+        prox = jax.lax.stop_gradient(logp) if mb.prox_logprobs is None else mb.prox_logprobs
+        return grpo.grpo_loss(
+            logp,
+            prox,
+            mb.behaviour_logprobs,
+            ref_logp,
+            mb.advantages,
+            mb.loss_mask * mb.attn_mask,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            is_cap=self.is_cap,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            aggregation=self.aggregation,
+            entropy=entropy,
+        )
+
+    def combine(self, stacked, denominator):
+        del denominator  # GRPO's metrics are token means per micro-batch
+        return combine_metrics(stacked)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTLoss:
+    """Cold-start SFT: the mean negative log-likelihood of the loss-mask tokens. Metrics: loss,
+    token_accuracy (argmax hits), num_tokens, grad_norm."""
+
+    temperature: float = 1.0
+    beta: float = 0.0  # no reference model
+    stat = "argmax_hit"
+
+    def micro_loss(self, logp, hit, mb: Batch, ref_logp):
+        del ref_logp
+        mask = (mb.loss_mask * mb.attn_mask).astype(jnp.float32)
+        mask = mask.at[:, 0].set(0.0)  # position 0 has no prediction, whatever its mask says
+        count = jnp.sum(mask)
+        # Sums, divided once over the whole batch by `combine`: exact token counts, no means of
+        # means.
+        return -jnp.sum(logp * mask), count, {"hits": jnp.sum(hit * mask), "num_tokens": count}
+
+    def combine(self, stacked, denominator):
+        return {
+            "token_accuracy": stacked["hits"].sum() / denominator,
+            "num_tokens": stacked["num_tokens"].sum(),
+        }
+
+
+SFT_LOSS = SFTLoss()
 
 
 @struct.dataclass
@@ -160,9 +227,9 @@ def combine_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def _make_grads(graphdef, loss_config: LossConfig, num_microbatches: int, mesh, chunk_size: int):
-    """(state, batch, ref_state) -> (mean-loss gradients [float32], loss, metrics)."""
-    cfg = loss_config
+def _make_grads(graphdef, loss, num_microbatches: int, mesh, chunk_size: int):
+    """(state, batch, ref_state) -> (mean-loss gradients [float32], metrics), and the log-prob
+    function `(state, micro-batch, stat) -> logp` it uses."""
 
     def logprobs(state, mb, stat):
         model = nnx.merge(graphdef, state)
@@ -171,38 +238,23 @@ def _make_grads(graphdef, loss_config: LossConfig, num_microbatches: int, mesh, 
             mb.tokens,
             mb.positions,
             mb.attn_mask,
-            cfg.temperature,
+            loss.temperature,
             chunk_size=chunk_size,
             stat=stat,
         )
 
     def micro_loss(state, mb, ref_state):
-        logp, entropy = logprobs(state, mb, "entropy")
-        prox = jax.lax.stop_gradient(logp) if mb.prox_logprobs is None else mb.prox_logprobs
+        logp, stat = logprobs(state, mb, loss.stat)
         ref = None
         if ref_state is not None:
             ref = jax.lax.stop_gradient(logprobs(ref_state, mb, None))
-        loss_sum, denominator, metrics = grpo.grpo_loss(
-            logp,
-            prox,
-            mb.behaviour_logprobs,
-            ref,
-            mb.advantages,
-            mb.loss_mask * mb.attn_mask,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            is_cap=cfg.is_cap,
-            beta=cfg.beta,
-            kl_estimator=cfg.kl_estimator,
-            aggregation=cfg.aggregation,
-            entropy=entropy,
-        )
+        loss_sum, denominator, metrics = loss.micro_loss(logp, stat, mb, ref)
         return loss_sum, (denominator, metrics)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def grads_and_metrics(state, batch: Batch, ref_state):
-        if cfg.beta > 0 and ref_state is None:
+        if loss.beta > 0 and ref_state is None:
             raise ValueError("LossConfig.beta > 0 needs ref_state (the frozen reference params).")
         mbs = _microbatches(batch, num_microbatches, mesh)
 
@@ -216,10 +268,10 @@ def _make_grads(graphdef, loss_config: LossConfig, num_microbatches: int, mesh, 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (acc, loss_sum, den), stacked = jax.lax.scan(body, init, mbs)
-        # An all-padding batch has no loss tokens: zero loss and zero gradient, not NaN.
+        # A batch without loss tokens: zero loss and zero gradient, not NaN.
         den = jnp.where(den > 0, den, 1.0)
         grads = jax.tree.map(lambda g: g / den, acc)
-        metrics = combine_metrics(stacked)
+        metrics = loss.combine(stacked, den)
         metrics["loss"] = loss_sum / den
         metrics["grad_norm"] = optax.tree.norm(grads)
         return grads, metrics
@@ -239,43 +291,50 @@ def _replicated_unless_named(tree, mesh):
     return jax.tree.map(pick, tree)
 
 
-def _jit_on_mesh(fn, mesh, out_shardings_fn, *, donate_argnums=()):
+class _Jitted:
     """jit for `fn(state, opt_state, batch, ref_state)`; `opt_state` may be None.
 
     Without a mesh: plain jit. With one: the batch is laid out over ('data', 'fsdp') on its
     leading dim, leaves of the state not yet on the mesh are replicated, and
     `out_shardings_fn(state_shardings, opt_shardings)` gives the output shardings, so the
     returned state keeps its layout, donation reuses the buffers and steady-state calls never
-    recompile.
+    recompile. `num_compilations` reads jit's own caches (nothing counts inside traced code).
     """
-    if mesh is None:
-        return jax.jit(fn, donate_argnums=donate_argnums)
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    compiled = {}
 
-    def call(state, opt_state, batch, ref_state):
+    def __init__(self, fn, mesh, out_shardings_fn, *, donate_argnums=()):
+        self._fn, self._mesh, self._out = fn, mesh, out_shardings_fn
+        self._donate = donate_argnums
+        # One program per (reference given, prox given): they differ in their inputs.
+        self._compiled = {}
+        if mesh is None:
+            self._compiled[None] = jax.jit(fn, donate_argnums=donate_argnums)
+
+    @property
+    def num_compilations(self) -> int:
+        return sum(f._cache_size() for f in self._compiled.values())
+
+    def __call__(self, state, opt_state, batch, ref_state):
+        mesh = self._mesh
+        if mesh is None:
+            return self._compiled[None](state, opt_state, batch, ref_state)
         state_s = _replicated_unless_named(state, mesh)
         opt_s = _replicated_unless_named(opt_state, mesh)
         state, opt_state = jax.device_put((state, opt_state), (state_s, opt_s))
-        batch = jax.device_put(batch, batch_sharding)
+        batch = jax.device_put(batch, NamedSharding(mesh, P(BATCH_AXES)))
         if ref_state is not None:
             ref_state = jax.device_put(ref_state, _replicated_unless_named(ref_state, mesh))
         key = (ref_state is None, batch.prox_logprobs is None)
-        if key not in compiled:
-            compiled[key] = jax.jit(
-                fn,
-                donate_argnums=donate_argnums,
-                out_shardings=out_shardings_fn(state_s, opt_s),
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                self._fn, donate_argnums=self._donate, out_shardings=self._out(state_s, opt_s)
             )
         with jax.set_mesh(mesh):
-            return compiled[key](state, opt_state, batch, ref_state)
-
-    return call
+            return self._compiled[key](state, opt_state, batch, ref_state)
 
 
 def make_grad_fn(
     graphdef,
-    loss_config: LossConfig,
+    loss: LossConfig | SFTLoss,
     *,
     num_microbatches: int = 1,
     mesh=None,
@@ -285,8 +344,8 @@ def make_grad_fn(
 
     The gradient half of `make_train_step`, for diagnostics and tests.
     """
-    grads_and_metrics, _ = _make_grads(graphdef, loss_config, num_microbatches, mesh, chunk_size)
-    jitted = _jit_on_mesh(
+    grads_and_metrics, _ = _make_grads(graphdef, loss, num_microbatches, mesh, chunk_size)
+    jitted = _Jitted(
         lambda state, _, batch, ref: grads_and_metrics(state, batch, ref),
         mesh,
         lambda state_s, _: (state_s, None),
@@ -300,14 +359,14 @@ def make_grad_fn(
 
 def make_logprob_fn(
     graphdef,
-    loss_config: LossConfig,
+    loss: LossConfig | SFTLoss,
     *,
     num_microbatches: int = 1,
     mesh=None,
     chunk_size: int = 256,
 ) -> Callable:
     """Jitted `(state, batch) -> logp [B, L]` (no gradient), e.g. for `Batch.prox_logprobs`."""
-    _, logprobs = _make_grads(graphdef, loss_config, num_microbatches, mesh, chunk_size)
+    _, logprobs = _make_grads(graphdef, loss, num_microbatches, mesh, chunk_size)
 
     def fn(state, _, batch, ref_state):
         mbs = _microbatches(batch, num_microbatches, mesh)
@@ -315,47 +374,125 @@ def make_logprob_fn(
         return lp.swapaxes(0, 1).reshape(batch.tokens.shape)
 
     out = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
-    jitted = _jit_on_mesh(fn, mesh, lambda *_: out)
+    jitted = _Jitted(fn, mesh, lambda *_: out)
     return lambda state, batch: jitted(state, None, batch, None)
+
+
+class TrainStep:
+    """`step(state, opt_state, batch, ref_state=None) -> (state, opt_state, metrics)`; see
+    `make_train_step`."""
+
+    def __init__(self, jitted: _Jitted):
+        self._jitted = jitted
+
+    def __call__(self, state, opt_state, batch, ref_state=None):
+        return self._jitted(state, opt_state, batch, ref_state)
+
+    @property
+    def num_compilations(self) -> int:
+        """Programs compiled so far: tests and benchmarks check steady state adds none."""
+        return self._jitted.num_compilations
 
 
 def make_train_step(
     graphdef,
     optimizer: optax.GradientTransformation,
-    loss_config: LossConfig,
+    loss: LossConfig | SFTLoss,
     *,
     num_microbatches: int = 1,
     mesh=None,
     chunk_size: int = 256,
-) -> Callable:
-    """Returns `step(state, opt_state, batch, ref_state=None) -> (state, opt_state, metrics)`.
+) -> TrainStep:
+    """The one update step, for GRPO (`loss` a `LossConfig`) and SFT (`SFT_LOSS`).
 
     One optimizer update per call; gradients are accumulated over `num_microbatches` strided
     slices of the batch (B must divide by it) and divided once by the global denominator, so
     the result equals the full-batch update. `state` and `opt_state` are donated. With a `mesh`,
     the batch's leading dim is sharded over ('data', 'fsdp') and params keep their shardings.
-    `ref_state` (same graphdef, frozen) is needed when `loss_config.beta > 0`; its KL metric is
-    reported whenever it is given. `step.num_compilations` counts traces.
+    `ref_state` (same graphdef, frozen) is needed when `loss.beta > 0`; its KL metric is
+    reported whenever it is given.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be positive, got {num_microbatches}.")
-    grads_and_metrics, _ = _make_grads(graphdef, loss_config, num_microbatches, mesh, chunk_size)
+    grads_and_metrics, _ = _make_grads(graphdef, loss, num_microbatches, mesh, chunk_size)
 
     def step(state, opt_state, batch, ref_state):
-        train_step.num_compilations += 1  # runs at trace time only
         grads, metrics = grads_and_metrics(state, batch, ref_state)
         # Updates in float32; optax.apply_updates casts back to each param's dtype.
         updates, opt_state = optimizer.update(grads, opt_state, state)
         state = optax.apply_updates(state, updates)
         return state, opt_state, metrics
 
-    jitted = _jit_on_mesh(
-        step, mesh, lambda state_s, opt_s: (state_s, opt_s, None), donate_argnums=(0, 1)
+    # Donating the params and the optimizer state lets XLA update them in place: no second copy
+    # of either in device memory. The caller must drop its references to the inputs.
+    return TrainStep(
+        _Jitted(step, mesh, lambda state_s, opt_s: (state_s, opt_s, None), donate_argnums=(0, 1))
     )
 
-    def train_step(state, opt_state, batch, ref_state=None):
-        return jitted(state, opt_state, batch, ref_state)
 
-    # Counts traces, so tests and the trainer can check that steady state never recompiles.
-    train_step.num_compilations = 0
-    return train_step
+# ---------------------------------------------------------------------------------------------
+# Batches and the guard on their results
+# ---------------------------------------------------------------------------------------------
+
+
+def make_batch(
+    trajectories: Sequence[data_types.Trajectory],
+    *,
+    batch_size: int,
+    max_len: int,
+    advantages: Sequence[float] | None = None,
+    drop_truncated: bool = False,
+) -> Batch:
+    """Right-pads trajectories into a host `Batch` [batch_size, max_len], one row each.
+
+    Padding rows and positions have `attn_mask` False and `loss_mask` 0, so a fixed shape (one
+    compiled step) costs nothing in the loss. `advantages` gives each row's (zeros when None:
+    SFT reads none); with `drop_truncated` the rows of episodes a limit cut short
+    (`TRUNCATED_STATUSES`) keep their tokens but lose their loss mask.
+    """
+    if len(trajectories) > batch_size:
+        raise ValueError(f"{len(trajectories)} trajectories do not fit batch_size {batch_size}.")
+    tokens = np.zeros((batch_size, max_len), np.int32)
+    attn = np.zeros((batch_size, max_len), bool)
+    loss_mask = np.zeros((batch_size, max_len), np.float32)
+    behaviour = np.zeros((batch_size, max_len), np.float32)
+    adv = np.zeros((batch_size,), np.float32)
+    if advantages is not None:
+        adv[: len(trajectories)] = advantages
+    for row, t in enumerate(trajectories):
+        n = len(t.tokens)
+        if n > max_len:
+            raise ValueError(
+                f"Trajectory {t.task_id} has {n} tokens, more than max_len {max_len}; "
+                "raise max_len (or filter demonstrations by AgentConfig.max_total_tokens)."
+            )
+        tokens[row, :n] = t.tokens
+        attn[row, :n] = True
+        if not (drop_truncated and t.status in TRUNCATED_STATUSES):
+            loss_mask[row, :n] = t.loss_mask
+        behaviour[row, :n] = t.behaviour_logprobs
+    positions = np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch_size, max_len))
+    return Batch(
+        tokens=tokens,
+        positions=np.ascontiguousarray(positions),
+        attn_mask=attn,
+        loss_mask=loss_mask,
+        behaviour_logprobs=behaviour,
+        advantages=adv,
+    )
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm that is NaN or infinite: the run stops rather than save it."""
+
+
+def check_finite(metrics: dict[str, float], *, where: str, last_good: str) -> None:
+    """Raises `NonFiniteError` when a `GUARDED_METRICS` value of a step's host metrics is not
+    finite, naming `where` (e.g. "GRPO step 7") and `last_good` (the checkpoint to go back to).
+    """
+    for key in GUARDED_METRICS:
+        if key in metrics and not math.isfinite(metrics[key]):
+            raise NonFiniteError(
+                f"{where}: {key} is {metrics[key]}; the run stops before anything non-finite is "
+                f"saved. Last good checkpoint: {last_good}."
+            )

@@ -107,8 +107,6 @@ class GroupRequest:
     group_id: int
 
     def __post_init__(self):
-        if not isinstance(self.example, data_types.Example):
-            raise TypeError(f"GroupRequest.example must be an Example, got {type(self.example)}")
         if not isinstance(self.num_episodes, int) or self.num_episodes < 0:
             raise ValueError(
                 f"GroupRequest {self.example.task_id}: num_episodes must be an integer >= 0, "
@@ -143,6 +141,25 @@ class RolloutStats:
     num_appended_tokens: int
     num_reprefill_tokens: int  # history re-prefilled after a slot was handed over
     statuses: dict[str, int]
+
+    @classmethod
+    def merge(cls, all_stats: Sequence[RolloutStats]) -> RolloutStats:
+        """One step's statistics over all processes: counts add up; hosts run side by side, so
+        wall-clock spans are the slowest host's (the sandbox time is a sum over runs already)."""
+        merged = {}
+        for f in dataclasses.fields(cls):
+            values = [getattr(s, f.name) for s in all_stats]
+            if f.name == "statuses":
+                total: dict[str, int] = {}
+                for v in values:
+                    for k, n in v.items():
+                        total[k] = total.get(k, 0) + n
+                merged[f.name] = total
+            elif f.name in ("wall_s", "engine_s", "engine_idle_s"):
+                merged[f.name] = max(values)
+            else:
+                merged[f.name] = sum(values)
+        return cls(**merged)
 
 
 def stop_token_sequences(tokenizer, stop_strings: Sequence[str], limit: int) -> tuple:

@@ -420,22 +420,22 @@ class LocalJudge(Judge):
         if max_attempts < 1:
             raise ValueError(f"LocalJudge: max_attempts must be >= 1, got {max_attempts}.")
         # Lazy import: the rule and openai judges must not pull in JAX.
-        from toolr1_jax import serve
+        from toolr1_jax import chat
 
         self.prompt_template = prompt_template
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self.max_attempts = int(max_attempts) if temperature > 0 else 1
         self.seed = int(seed)
-        self.chat_model = serve.ChatModel.load(model_dir, num_slots=num_slots, max_len=max_len)
+        self.chat_model = chat.ChatModel.load(model_dir, num_slots=num_slots, max_len=max_len)
 
     async def _judge(self, question: str, reference: str, prediction: str) -> Verdict:
-        from toolr1_jax import serve
+        from toolr1_jax import chat
 
         prompt = render_prompt(self.prompt_template, question, reference, prediction)
         replies = []
         for attempt in range(self.max_attempts):
-            request = serve.ChatRequest(
+            request = chat.ChatRequest(
                 messages=({"role": "user", "content": prompt},),
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
@@ -443,7 +443,7 @@ class LocalJudge(Judge):
             )
             try:
                 result = await self.chat_model.complete(request)
-            except serve.RequestError as e:
+            except chat.RequestError as e:
                 raise JudgeError(f"local judge rejected the prompt: {e}") from e
             score = parse_verdict(result.text)
             if score is not None:

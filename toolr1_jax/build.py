@@ -78,11 +78,9 @@ def validate(config: ml_collections.ConfigDict, *, resuming: bool) -> None:
         )
     if config.model.tokenizer and not os.path.isdir(config.model.tokenizer):
         raise ConfigError(f"model.tokenizer={config.model.tokenizer!r} is not a directory.")
-    if (
-        not config.model.init_from
-        and not config.model.tokenizer
-        and config.data.name != "synthetic"
-    ):
+    # The dataset keys resolve (or fail, naming the key) before any data is read.
+    train_data, _ = dataset(config), dataset(config, for_eval=True)
+    if not config.model.init_from and not config.model.tokenizer and train_data.name != "synthetic":
         raise ConfigError(
             "Set model.init_from (a local Hugging Face checkpoint) or model.tokenizer: only "
             "the synthetic suite can train its own tokenizer for a from-scratch model."

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from toolr1_jax import sharding
 from toolr1_jax.models import model as model_lib
+from toolr1_jax.models import sources
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -135,8 +136,9 @@ def _get_param(model: nnx.Module, path) -> nnx.Variable:
 
 
 def read_config(path) -> model_lib.ModelConfig:
-    """Reads `config.json` from a local HF directory, rejecting what the model cannot represent."""
-    path = pathlib.Path(path)
+    """Reads the architecture of a local HF directory, GGUF file or named model (see
+    `sources.resolve`), rejecting what the model cannot represent."""
+    path = sources.resolve(path)
     config_file = path / CONFIG_FILE
     if not path.is_dir():
         raise FileNotFoundError(f"Model directory {str(path)!r} does not exist.")
@@ -212,16 +214,17 @@ def _open(file: pathlib.Path, fn):
 def load_pretrained(
     path, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[model_lib.Transformer, model_lib.ModelConfig]:
-    """Loads a local Hugging Face checkpoint directory as `(Transformer, ModelConfig)`.
+    """Loads a local checkpoint as `(Transformer, ModelConfig)`.
 
     Args:
-      path: directory with `config.json` and `model.safetensors` (or shards plus
-        `model.safetensors.index.json`).
+      path: a Hugging Face directory with `config.json` and `model.safetensors` (or shards plus
+        `model.safetensors.index.json`), a GGUF file (or a directory holding one), or a named
+        model such as "smollm2-135m-instruct"; GGUF is converted once and cached.
       dtype: parameter (and compute) dtype; tensors are cast while streaming.
       mesh: when given, each parameter is placed with the sharding `toolr1_jax.sharding` rules
         imply; otherwise on the default device.
     """
-    path = pathlib.Path(path)
+    path = sources.resolve(path)
     config = read_config(path)
     files = _weight_files(path)
     expected = tensor_map(config)

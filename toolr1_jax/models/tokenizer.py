@@ -14,6 +14,8 @@ from typing import Any
 
 import transformers
 
+from toolr1_jax.models import sources
+
 # Any of these marks a directory as holding a tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 # Placeholders for the turns around the split; plain words so no template escapes or strips them.
@@ -146,11 +148,12 @@ def _generation_eos_ids(path: pathlib.Path) -> list[int]:
 
 
 def load_tokenizer(path, *, template_kwargs: Mapping[str, Any] | None = None) -> Tokenizer:
-    """Loads the tokenizer in a local directory (as saved by transformers' `save_pretrained`).
+    """Loads the tokenizer of a local directory (as saved by transformers' `save_pretrained`), a
+    GGUF file or a named model (see `sources.resolve`).
 
     The eos ids are the tokenizer's eos token plus any in `generation_config.json` beside it.
     """
-    path = pathlib.Path(path)
+    path = sources.resolve(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Tokenizer directory {str(path)!r} does not exist.")
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):

@@ -79,6 +79,8 @@ class Tree:
             hier = _hierarchies()
         except OSError:
             return None, list(CONTROLLERS)
+        for h in hier.values():
+            _remove_stale(h.base, prefix)
         name = f"{prefix}{os.getpid()}_{secrets.token_hex(4)}"
         dirs: dict[str, str] = {}
         made: list[str] = []
@@ -221,6 +223,26 @@ class Session:
                 os.close(fd)
         self._tasks_fd = self._quota_fd = -1
         _remove_dirs(list(self.dirs.values()))
+
+
+def _remove_stale(base: str, prefix: str) -> None:
+    """Pool cgroups whose creator died without closing its pool (SIGKILL, a crash): the kernel
+    keeps empty cgroups forever. Only empty ones go (rmdir refuses the rest), and only those of
+    pids that no longer exist here."""
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix) :].partition("_")[0]
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        path = os.path.join(base, name)
+        with contextlib.suppress(OSError):
+            for child in os.listdir(path):
+                if os.path.isdir(os.path.join(path, child)):
+                    os.rmdir(os.path.join(path, child))
+            os.rmdir(path)
 
 
 def _write(path: str, value: str) -> None:

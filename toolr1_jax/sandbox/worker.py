@@ -401,7 +401,7 @@ def _worker_main(req: dict, init: dict, caps: dict, seccomp) -> None:
         authorized_imports=init["authorized_imports"],
         max_output_chars=init["max_output_chars"],
     )
-    _install_audit_hook(os.path.realpath(wd))
+    _install_audit_hook([os.path.realpath(p) for p in writable])
     report["audit_hooks"] = True
     conn.send({"op": "hello", "token": req["token"], "isolation": report})
     interp.serve()
@@ -710,9 +710,12 @@ _SIGNAL_EVENTS = ("os.kill", "os.killpg", "signal.pthread_kill")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
-def _install_audit_hook(wd: str) -> None:
+def _install_audit_hook(writable: list[str]) -> None:
+    """`writable[0]` is the working directory; with the filesystem view, /tmp and /dev/shm follow
+    (private to the session, so writing there is as harmless as in its directory)."""
     guard = threading.local()
-    prefix = wd.rstrip("/") + "/"
+    wd = writable[0]
+    prefixes = tuple(p.rstrip("/") + "/" for p in writable)
     own_pid = os.getpid()
 
     def inside(path) -> bool:
@@ -721,7 +724,7 @@ def _install_audit_hook(wd: str) -> None:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
         real = os.path.realpath(os.path.join(wd, os.fspath(path)))
-        return real == wd or real.startswith(prefix)
+        return real in writable or real.startswith(prefixes)
 
     def proc_of_other(path) -> bool:
         if isinstance(path, bytes):

@@ -370,8 +370,10 @@ def _bits(mask: int) -> list[int]:
 
 # Mount points inside the view, created once in the template; each worker mounts its own
 # filesystems on them in its private mount namespace.
-VIEW_WORKDIR = "/work"
-_VIEW_MOUNTPOINTS = ("proc", "tmp", "dev/shm", VIEW_WORKDIR.lstrip("/"))
+_VIEW_MOUNTPOINTS = ("proc", "tmp", "dev/shm")
+# Where the session directory appears: the first of these that no bound path lives under (the
+# interpreter or this package may sit in a host /work, which the session tmpfs would hide).
+_VIEW_WORKDIRS = ("/work", "/session", "/sandbox_session")
 _VIEW_DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
@@ -381,10 +383,11 @@ def private_mounts() -> None:
     mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
-def build_view(root: str, dirs: list[str], files: list[str]) -> None:
+def build_view(root: str, dirs: list[str], files: list[str]) -> str:
     """Make `root` (an empty directory) the template of the workers' filesystem: a small tmpfs with
     read-only bind mounts of `dirs` and `files` at their own paths, a few device nodes and empty
-    mount points; then the template itself becomes read-only.
+    mount points; then the template itself becomes read-only. Returns where the session directory
+    will appear.
 
     Paths are bound at their real location and symlinks are recreated, so `/bin -> usr/bin` and an
     interpreter under `/root/.pyenv` resolve as on the host, while the rest of `/root` (and `/home`,
@@ -407,7 +410,9 @@ def build_view(root: str, dirs: list[str], files: list[str]) -> None:
             path = real
         _bind_read_only(path, root + path, os.path.isdir(path))
         bound.append(path)
-    for name in _VIEW_MOUNTPOINTS:
+    seen = paths | {os.path.realpath(p) for p in paths}
+    workdir = next(w for w in _VIEW_WORKDIRS if not any(_is_under(p, w) for p in seen))
+    for name in (*_VIEW_MOUNTPOINTS, workdir.lstrip("/")):
         os.makedirs(os.path.join(root, name), 0o755, exist_ok=True)
     for name in _VIEW_DEVICES:
         target = os.path.join(root, "dev", name)
@@ -415,6 +420,7 @@ def build_view(root: str, dirs: list[str], files: list[str]) -> None:
         # Device nodes keep their (writable) mount: writing to /dev/null must work.
         mount(f"/dev/{name}", target, None, MS_BIND)
     mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    return workdir
 
 
 def _is_under(path: str, base: str) -> bool:
@@ -447,20 +453,20 @@ def mount_session_dir(path: str, size_mb: int, uid: int, max_inodes: int) -> Non
     mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
 
 
-def enter_view(root: str, workdir: str, tmp_mb: int, max_inodes: int) -> None:
+def enter_view(root: str, session_dir: str, workdir: str, tmp_mb: int, max_inodes: int) -> None:
     """In a fresh mount namespace (and pid namespace, for /proc): private /tmp and /dev/shm with a
-    size cap, the session directory at VIEW_WORKDIR, then `root` becomes `/` and the host's
+    size cap, `session_dir` at `workdir` (from build_view), then `root` becomes `/` and the host's
     filesystem is detached. Needs CAP_SYS_ADMIN; call before dropping privileges."""
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     shm = f"size={tmp_mb}m,nr_inodes={max_inodes},mode=1777"
     mount("tmpfs", root + "/tmp", "tmpfs", flags, shm)
     mount("tmpfs", root + "/dev/shm", "tmpfs", flags, shm)
-    target = root + VIEW_WORKDIR
-    mount(workdir, target, None, MS_BIND)
+    target = root + workdir
+    mount(session_dir, target, None, MS_BIND)
     mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
     mount("proc", root + "/proc", "proc", flags)
     os.chdir(root)
     # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no path back.
     pivot_root(".", ".")
     umount(".", MNT_DETACH)
-    os.chdir(VIEW_WORKDIR)
+    os.chdir(workdir)

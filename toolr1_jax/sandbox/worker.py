@@ -116,7 +116,7 @@ def zygote_main() -> None:
         try:
             lockdown.private_mounts()
             dirs, files = _view_paths(init["authorized_imports"], init["preload"])
-            lockdown.build_view(init["view_root"], dirs, files)
+            caps["view_workdir"] = lockdown.build_view(init["view_root"], dirs, files)
             caps["mount_namespace"] = True
         except OSError as e:
             caps["mount_error"] = str(e)
@@ -356,8 +356,8 @@ def _worker_main(req: dict, init: dict, caps: dict, seccomp) -> None:
         # The probe said these work; failing here fails the spawn rather than running weaker.
         lockdown.unshare(flags)
     if view:
-        lockdown.enter_view(init["view_root"], req["wd"], limits.disk_mb, _MAX_INODES)
-        wd = lockdown.VIEW_WORKDIR
+        wd = caps["view_workdir"]
+        lockdown.enter_view(init["view_root"], req["wd"], wd, limits.disk_mb, _MAX_INODES)
         writable = [wd, "/tmp", "/dev/shm"]
     else:
         wd = req["wd"]
@@ -413,6 +413,9 @@ def _view_paths(authorized: tuple, preload: tuple) -> tuple[list[str], list[str]
     the launch script's directory (the checkout, for `python train.py`) and the test directory."""
     dirs = ["/usr", "/bin", "/lib", "/lib64", "/lib32", "/libx32"]
     dirs += {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    # This package alone (the worker's own code, for imports a tool makes late), not the checkout
+    # around it; a file in it that is not world-readable stays unreadable (no capabilities).
+    dirs.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # Public system tables that libraries read lazily (time zones, mimetypes, the loader's cache).
     files = ["/etc/localtime", "/etc/timezone", "/etc/mime.types", "/etc/ld.so.cache"]
     names = set(preload) | (set() if "*" in authorized else set(authorized))

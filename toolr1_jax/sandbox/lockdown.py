@@ -14,6 +14,7 @@ import errno
 import os
 import platform
 import resource
+import tempfile
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -334,9 +335,10 @@ def seccomp_available() -> bool:
     return True
 
 
-def seccomp_filter():
-    """The worker's seccomp filter, built with libseccomp (through `pyseccomp`); `.load()` it in
-    the worker after no_new_privs. Built once in the zygote: loading costs well under a millisecond.
+def seccomp_filter() -> bytes:
+    """The worker's seccomp filter as a BPF program, compiled by libseccomp (through `pyseccomp`)
+    once in the zygote; each worker installs it with `seccomp_load_bpf`. Letting libseccomp load
+    it in every worker instead recompiles it each time, 0.6-2 ms of the session's start.
 
     Also: sockets other than AF_UNIX (socketpair stays usable, asyncio needs it); sendto with a
     destination address (the unconnected-datagram route around `connect`); clone with namespace
@@ -357,7 +359,28 @@ def seccomp_filter():
         f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
     f.add_rule(eperm, "socket", sc.Arg(0, sc.NE, _AF_UNIX))
     f.add_rule(eperm, "sendto", sc.Arg(4, sc.NE, 0))
-    return f
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_BPF_INSN_BYTES = 8
+
+
+def seccomp_load_bpf(program: bytes) -> None:
+    """Install a BPF program from `seccomp_filter` on this thread (and its future children).
+    Needs no_new_privs."""
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // _BPF_INSN_BYTES, ctypes.cast(buf, ctypes.c_void_p))
+    ret = _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0)
+    _check(ret, "prctl(PR_SET_SECCOMP)")
 
 
 def _bits(mask: int) -> list[int]:

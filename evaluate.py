@@ -24,7 +24,10 @@ from toolr1_jax import engine as engine_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _MODEL = flags.DEFINE_string(
-    "model", None, "Hugging Face model directory (default: model.init_from)."
+    "model",
+    None,
+    "Hugging Face model directory, GGUF file or named model such as smollm2-135m-instruct "
+    "(default: model.init_from).",
 )
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: data.eval_split).")
 _NUM_SAMPLES = flags.DEFINE_integer(
@@ -110,7 +113,8 @@ def main(argv):
 
     result = asyncio.run(run())
     run_info = {
-        "model": os.path.abspath(model_dir),
+        # A named model is recorded by its name, a path as an absolute path.
+        "model": model_dir if models.sources.is_named(model_dir) else os.path.abspath(model_dir),
         "dataset": dataset.name,
         "dataset_config": dataset.config,
         "manual_dir": dataset.manual_dir,

@@ -24,6 +24,8 @@ setuptools.setup(
         "array-record>=0.8.1",
         "grain>=0.2.12",
         "safetensors>=0.6",
+        # GGUF (llama.cpp's format): read and dequantize; the named SmolLM2 model is one.
+        "gguf==0.19.0",
         "numpy>=2.0",
         "pandas>=2.2",
         "pyarrow>=18",
@@ -44,6 +46,7 @@ setuptools.setup(
         "rank-bm25>=0.2.2",
         "httpx>=0.27",
         "matplotlib>=3.9",
+        "av>=14",  # PyAV (bundles FFmpeg): a video attachment's audio track for transcription
     ],
     extras_require={
         "dev": [
@@ -53,6 +56,8 @@ setuptools.setup(
             "ruff>=0.8",
             # CPU build, for parity tests against transformers' PyTorch models.
             "torch==2.13.0",
+            # transformers' own GGUF loader (the reference in the SmolLM2 parity tests) needs it.
+            "accelerate>=1.0",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

@@ -293,5 +293,5 @@ def test_named_model_without_its_wheel_gives_the_install_command(monkeypatch):
         sources.check("tiny-missing")
     with pytest.raises(FileNotFoundError, match="not installed"):
         params.load_pretrained("tiny-missing")
-    with pytest.raises(FileNotFoundError, match="neither a local path nor a named model"):
+    with pytest.raises(FileNotFoundError, match="does not exist, and it is not a named model"):
         sources.check("no-such-model-or-dir")

@@ -95,8 +95,7 @@ class ChatModel:
         name: str | None = None,
     ) -> ChatModel:
         model_dir = os.fspath(model_dir)
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"Model directory {model_dir!r} does not exist.")
+        models.sources.check(model_dir)  # an HF directory, a GGUF file or a named model
         model, config = models.load_pretrained(model_dir, dtype=jnp.dtype(dtype))
         tokenizer = models.load_tokenizer(model_dir)
         engine = engine_lib.Engine(model, num_slots=num_slots, max_len=max_len)

@@ -280,7 +280,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m toolr1_jax.serve", description="OpenAI-compatible server over the engine."
     )
-    parser.add_argument("--model", required=True, help="Hugging Face model directory.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model directory, GGUF file, or named model (smollm2-135m-instruct).",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port.")
     parser.add_argument("--served_model_name", "--served-model-name", default=None)

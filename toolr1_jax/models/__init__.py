@@ -1,5 +1,6 @@
-"""Policy models: NNX transformer, Hugging Face weight import/export, tokenizer."""
+"""Policy models: NNX transformer, Hugging Face and GGUF weight import, export, tokenizer."""
 
+from toolr1_jax.models import sources
 from toolr1_jax.models.model import KVCache, ModelConfig, Transformer
 from toolr1_jax.models.params import load_pretrained, save_pretrained
 from toolr1_jax.models.tokenizer import Tokenizer, load_tokenizer
@@ -12,4 +13,5 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "save_pretrained",
+    "sources",
 ]

@@ -80,7 +80,7 @@ def check(source, *, tokenizer_only: bool = False) -> None:
     path = pathlib.Path(str(source)).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"Model {str(source)!r} is neither a local path nor a named model "
+            f"Model directory {str(source)!r} does not exist, and it is not a named model "
             f"({', '.join(NAMED_MODELS)})."
         )
     if tokenizer_only and path.is_dir():

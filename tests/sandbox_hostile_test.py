@@ -350,7 +350,7 @@ async def test_memory_bomb_stayed_under_the_limit(outcome):
         pytest.skip("needs a memory cgroup")
     peak = outcome["peak_memory"]["growing_memory_bomb"]
     assert peak <= MEMORY_MB * 2**20, peak
-    assert peak > MEMORY_MB * 2**20 // 4, peak  # it did grow: the bomb ran
+    assert peak > 64 * 2**20, peak  # it did grow (a first 95 MiB chunk at least): the bomb ran
 
 
 async def test_bystanders_kept_working(outcome):

@@ -57,6 +57,9 @@ _STRING_SLACK = 200  # the worker's truncation markers on top of max_output_char
 # Room for a host-tool call's arguments in one frame; results are bounded by max_output_chars.
 _CALL_BYTES = 256 * 2**10
 _ESCAPED_CHAR_BYTES = 12  # ensure_ascii: a character outside the BMP is two \uXXXX escapes
+# Attachments up to this size are written on the loop: a few small writes cost less than the
+# executor's thread hand-off, which a loaded machine stretches to milliseconds of session start.
+_INLINE_FILES_BYTES = 256 * 2**10
 _SWEEP_ROUNDS = 100  # rounds of killing a run's leftover processes before killing the session
 # Changing a CPU quota costs the host little but the kernel a bandwidth-timer restart; measured, a
 # throttle/unthrottle pair after every run cut programs/s by a fifth in bench_sandbox.
@@ -578,6 +581,7 @@ class SandboxPool:
         self._next_sid = 0
         self._zygote: asyncio.subprocess.Process | None = None
         self._cgroups: cgroup.Tree | None = None
+        self._spare: asyncio.Future | None = None
         self._server: asyncio.AbstractServer | None = None
         self._reader_task: asyncio.Task | None = None
         self.root: pathlib.Path | None = None
@@ -666,6 +670,7 @@ class SandboxPool:
         self.capabilities["cgroup"] = sorted(self._cgroups.dirs) if self._cgroups else []
         self._reader_task = asyncio.create_task(self._read_zygote())
         self._warn_unenforced(missing)
+        self._start_spare()
 
     def _warn_unenforced(self, missing_controllers: list[str]) -> None:
         """One warning that names every barrier this host does not give the sessions."""
@@ -711,6 +716,10 @@ class SandboxPool:
         if self._closed:
             return
         self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                await (await spare).close()
         results = await asyncio.gather(
             *(s.close() for s in list(self._sessions)), return_exceptions=True
         )
@@ -753,6 +762,29 @@ class SandboxPool:
         for name, data in files.items():
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError(f"attachment {name!r} must be bytes, got {type(data).__name__}")
+        session = await self._take_spare() or await self._new_session()
+        self._sessions.add(session)
+        self._start_spare()
+        try:
+            # With a mount namespace the directory is a tmpfs that exists only in the zygote's
+            # namespace (it outlives workers, and unmounting it is the cleanup); the host reaches
+            # it through the zygote's root. Nothing of the session has run yet.
+            base = session.wd
+            if session._dir_mounted:
+                base = pathlib.Path(f"/proc/{self._zygote.pid}/root{session.wd}")
+            if sum(len(d) for d in files.values()) <= _INLINE_FILES_BYTES:
+                _write_files(base, files, names, session._uid)
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, _write_files, base, files, names, session._uid)
+        except BaseException:
+            self._sessions.discard(session)
+            await session.close()
+            raise
+        return session
+
+    async def _new_session(self) -> Session:
+        """A started session with an empty directory, not yet handed out."""
         self._next_sid += 1
         sid = f"s{self._next_sid}"
         wd = self.root / sid
@@ -760,20 +792,32 @@ class SandboxPool:
         loop = asyncio.get_running_loop()
         cg = await loop.run_in_executor(None, self._make_session_dir, sid, wd, uid)
         session = Session(self, sid, wd, uid, cg)
-        self._sessions.add(session)
         try:
             await session._start_worker()
-            # With a mount namespace the directory is a tmpfs that exists only in the zygote's
-            # namespace (it outlives workers, and unmounting it is the cleanup); the host reaches
-            # it through the zygote's root. Nothing of the session has run yet.
-            base = wd
-            if session._dir_mounted:
-                base = pathlib.Path(f"/proc/{self._zygote.pid}/root{wd}")
-            await loop.run_in_executor(None, _write_files, base, files, names, uid)
         except BaseException:
-            self._sessions.discard(session)
             await session.close()
             raise
+        return session
+
+    def _start_spare(self) -> None:
+        # One started session waits for the next `open`: a worker's confinement (cgroup joins,
+        # namespaces, the filesystem view) costs milliseconds that an episode need not wait for
+        # when sessions open one at a time. Opens that find none start their own, as before.
+        if self._spare is None and not self._closed:
+            self._spare = asyncio.ensure_future(self._new_session())
+
+    async def _take_spare(self) -> Session | None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            session = await spare  # may still be starting
+        except Exception:  # noqa: BLE001 - a failed spare: the caller starts a session itself
+            return None
+        w = session._worker
+        if w is None or w.exited.done():  # its worker died while it waited
+            await session.close()
+            return None
         return session
 
     def _make_session_dir(self, sid: str, wd: pathlib.Path, uid: int | None):

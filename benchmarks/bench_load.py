@@ -5,6 +5,10 @@ process and reads that process's peak RSS. The goal is a ratio below 1.3: the lo
 tensor at a time, so the host holds the model about once, not twice.
 
   python benchmarks/bench_load.py [--layers 16] [--shards 2] [--dtype float32]
+  python benchmarks/bench_load.py --source smollm2-135m-instruct   # a GGUF file or named model
+
+With `--source`, a GGUF model is loaded twice in fresh processes: cold (converted into an empty
+cache, then loaded) and warm (read from the cache). The size is its dequantized float32 size.
 
 Prints last the ratio of the RSS growth during loading (peak minus the baseline after imports) to
 the checkpoint size; the absolute peak, which adds fixed import costs, is printed before it.
@@ -72,6 +76,18 @@ def _rss_bytes() -> int:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
+def gguf_float32_bytes(source: str) -> int:
+    """The dequantized (float32) size of a GGUF file's tensors, from its header alone."""
+    import gguf
+
+    from toolr1_jax.models import gguf_file, sources
+
+    path = sources.locate(source) if sources.is_named(source) else gguf_file.find_gguf(source)
+    if path is None:
+        raise SystemExit(f"--source {source!r} is not a GGUF file or a named model.")
+    return sum(4 * int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+
+
 def load_and_measure(path: str, dtype: str) -> None:
     """Child process: load the checkpoint, print a JSON line with RSS figures."""
     import jax
@@ -83,7 +99,14 @@ def load_and_measure(path: str, dtype: str) -> None:
     # The baseline includes the JAX backend and transformers' config machinery (which imports
     # torch when it is installed): fixed costs that do not grow with the model.
     jax.devices()
-    transformers.AutoConfig.from_pretrained(path)
+    if pathlib.Path(path, "config.json").is_file():
+        transformers.AutoConfig.from_pretrained(path)
+    else:  # a GGUF source: the same config machinery, from a throwaway config
+        from toolr1_jax.models import gguf_file  # noqa: F401
+
+        with tempfile.TemporaryDirectory() as tmp:
+            transformers.AutoConfig.for_model("llama").save_pretrained(tmp)
+            transformers.AutoConfig.from_pretrained(tmp)
     baseline = _rss_bytes()
     start = time.perf_counter()
     model, _ = params.load_pretrained(path, dtype=jnp.dtype(dtype))
@@ -98,10 +121,14 @@ def main():
     parser.add_argument("--layers", type=int, default=16, help="16 layers is about 1 GB")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--dtype", default="float32", help="dtype to load into")
+    parser.add_argument("--source", help="a GGUF file or named model instead of a random one")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         load_and_measure(args.child, args.dtype)
+        return
+    if args.source:
+        bench_gguf(args.source, args.dtype)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +149,37 @@ def main():
     print(f"load time: {stats['load_s']:.2f} s ({size / gb / stats['load_s']:.2f} GB/s)")
     print(f"peak RSS (absolute) / checkpoint size: {stats['peak'] / size:.3f}")
     print(f"peak RSS increase during load / checkpoint size: {increase:.3f}")
+
+
+def _child(source: str, dtype: str, env: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", source, "--dtype", dtype],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_gguf(source: str, dtype: str) -> None:
+    import os
+
+    size = gguf_float32_bytes(source)
+    gb = 1e9
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TOOLR1_JAX_CACHE": cache}
+        runs = {"cold (convert + load)": _child(source, dtype, env)}
+        runs["warm (cached)"] = _child(source, dtype, env)
+    print(f"{source}: {size / gb:.3f} GB dequantized (float32), load as {dtype}")
+    for name, stats in runs.items():
+        increase = (stats["peak"] - stats["baseline"]) / size
+        print(
+            f"{name}: {stats['load_s']:.2f} s, peak RSS {stats['peak'] / gb:.3f} GB, "
+            f"increase / dequantized size {increase:.3f}"
+        )
+    worst = max((s["peak"] - s["baseline"]) / size for s in runs.values())
+    print(f"peak RSS increase during load / dequantized size (worst of the two): {worst:.3f}")
 
 
 if __name__ == "__main__":

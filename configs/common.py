@@ -181,26 +181,31 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.engine = ml_collections.ConfigDict()
     c.engine.num_slots = 64  # concurrent episodes per host
-    c.engine.max_len = 4096  # tokens per episode (prompt + all turns)
+    # Slots one decode program computes (0 = all). Fewer rows than slots: an episode waiting on
+    # its tool keeps its cache without taking a row (benchmarks/bench_rollout.py measures it).
+    c.engine.decode_rows = 0
     c.engine.decode_chunk_steps = 32  # decode steps between host check-ins
 
     c.agent = ml_collections.ConfigDict()
     c.agent.system_prompt = ""  # "" = the default code-agent prompt in toolr1_jax/agent/prompt.py
     c.agent.task_template = ""  # "" = the default task message template
     c.agent.max_turns = 6
-    c.agent.max_total_tokens = 4096
+    c.agent.max_total_tokens = 4096  # tokens per episode (prompt + all turns)
     c.agent.max_new_tokens_per_turn = 512
     c.agent.observation_max_chars = 2000
     c.agent.episode_timeout_s = 600.0
     c.agent.temperature = 1.0
     c.agent.top_p = 1.0
     c.agent.top_k = 0
+    # Derived, not a second setting: a slot holds one whole episode. (Setting either key sets
+    # both: they are one ml_collections reference.)
+    c.engine.max_len = c.agent.get_ref("max_total_tokens")
 
     c.sandbox = ml_collections.ConfigDict()
     c.sandbox.num_workers = 8  # programs executing at once
     c.sandbox.timeout_s = 30.0  # per code run
     c.sandbox.memory_mb = 2048
-    c.sandbox.authorized_imports = ""  # comma-separated; "" = the sandbox's default list
+    c.sandbox.authorized_imports = ()  # module names; () = the sandbox's default list
     c.sandbox.search_corpus = ""  # "synthetic" = the synthetic suite's corpus; "" = no search tool
     c.sandbox.web_search_url = ""  # OpenAI-style web search backend; "" = web tools off
     c.sandbox.web_api_key_env = ""
@@ -272,7 +277,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "validation"
     c.data.data_dir = "~/tensorflow_datasets"
     c.data.manual_dir = ""
-    c.data.levels = ""  # comma-separated levels to keep; "" = all
+    c.data.levels = ()  # levels to keep, e.g. (1, 2); () = all
     c.data.num_train = 0  # GRPO's questions: the first N training examples (0 = the whole split)
     c.data.num_eval = 64  # eval examples (0 = the whole split)
     # Training or evaluation may read another dataset than data.name (e.g. train on a QA set,

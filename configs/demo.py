@@ -36,7 +36,6 @@ def get_config(arg=None):
     c.mesh = common.mesh_config("dp")
 
     c.engine.num_slots = 32
-    c.engine.max_len = 384
     c.engine.decode_chunk_steps = 16
     c.agent.system_prompt = common.COMPACT_SYSTEM_PROMPT
     c.agent.max_turns = 3
@@ -50,7 +49,15 @@ def get_config(arg=None):
     c.sandbox.timeout_s = 10.0
     c.sandbox.memory_mb = 1024
     c.sandbox.search_corpus = "synthetic"
-    c.sandbox.authorized_imports = "collections,datetime,json,math,pandas,re,statistics"
+    c.sandbox.authorized_imports = (
+        "collections",
+        "datetime",
+        "json",
+        "math",
+        "pandas",
+        "re",
+        "statistics",
+    )
 
     c.sft.enabled = True
     # A cold start on few demonstrations, fitted closely (~39 passes; last batch loss 0.01-0.08):

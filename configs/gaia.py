@@ -34,7 +34,7 @@ from configs import common
 from toolr1_jax.sandbox import worker
 
 # GAIA's attachments include zip archives and xml files the policy may want to open itself.
-_GAIA_IMPORTS = ",".join((*worker.DEFAULT_AUTHORIZED_IMPORTS, "zipfile", "xml"))
+_GAIA_IMPORTS = (*worker.DEFAULT_AUTHORIZED_IMPORTS, "zipfile", "xml")
 
 
 def get_config(arg=None):
@@ -51,7 +51,6 @@ def get_config(arg=None):
 
     # Rollouts.
     c.engine.num_slots = 64
-    c.engine.max_len = 16384
     c.engine.decode_chunk_steps = 32
     c.agent.max_turns = 10
     c.agent.max_total_tokens = 16384
@@ -101,7 +100,6 @@ def get_config(arg=None):
         c.model.dtype = "float32"
         c.mesh = common.mesh_config("dp")
         c.engine.num_slots = 16
-        c.engine.max_len = 768
         c.engine.decode_chunk_steps = 16
         c.agent.system_prompt = common.COMPACT_SYSTEM_PROMPT
         c.agent.max_turns = 2

@@ -272,8 +272,6 @@ class Engine:
         # change between calls and trigger recompiles.
         self._state_shardings = self._shardings_for(state)
         self._state = jax.device_put(state, self._state_shardings)
-        # Counts traces (each one a compilation): 3 after `warmup`, and never more.
-        self.num_compilations = 0
         self._prefill_fn = jax.jit(
             self._prefill_impl, donate_argnums=(1,), out_shardings=self._state_shardings
         )
@@ -296,6 +294,12 @@ class Engine:
     @property
     def num_free_slots(self) -> int:
         return sum(s is _Status.FREE for s in self._status)
+
+    @property
+    def num_compilations(self) -> int:
+        """Programs compiled so far, read from jit's caches (the traced code has no side
+        effects): 3 after `warmup`, and never more."""
+        return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
 
     @property
     def params(self) -> nnx.State:
@@ -687,7 +691,6 @@ class Engine:
         Arming (pending token, sampling settings, budget) is the same for every chunk of a job,
         so each chunk applies it; `reset` empties a slot's cache first (the first chunk of `add`).
         """
-        self.num_compilations += 1
         model = nnx.merge(self._graphdef, params)
         cache = state.cache
         p, t = tokens.shape
@@ -738,7 +741,6 @@ class Engine:
         `rows` [decode_rows] are slot ids (num_slots pads); `allowed` [B] is the host's view of
         which slots decode, and deactivates released slots.
         """
-        self.num_compilations += 1
         model = nnx.merge(self._graphdef, params)
         state = state.replace(active=state.active & allowed)
         if rows.shape[0] == self.num_slots:

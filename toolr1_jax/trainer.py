@@ -279,6 +279,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
         nnx.merge(graphdef, engine_params(state.params)),
         num_slots=config.engine.num_slots,
         max_len=config.engine.max_len,
+        decode_rows=config.engine.decode_rows or None,
     )
     engine.warmup()  # compile every engine program now: steps after the first compile nothing
     loss = build.loss_config(config)

@@ -5,9 +5,9 @@ one decode chunk per call; between chunks the loop reads the slots that stopped 
 their code to the sandbox as tasks on the loop, and queues the observation of every finished run as
 a token delta for that slot. Slots whose episode waits on a tool simply sit out the chunks, so a
 slow tool never delays anyone else's decoding. Episodes beyond the slot count wait in a queue.
-On an engine with more slots than decode rows (`Engine(decode_rows=...)`), a waiting episode
-keeps its cache in its slot without taking a decode row: give it a slot per concurrent episode
-and the rows the device batches well, and decoding goes on while tools run.
+On an engine with more slots than decode rows (`engine.decode_rows` in the config), a waiting
+episode keeps its cache in its slot without taking a decode row: give it a slot per concurrent
+episode and the rows the device batches well, and decoding goes on while tools run.
 
 Token-in/token-out: an episode's tokens are the prompt, then each turn exactly as sampled, then each
 observation's delta exactly as appended; nothing is re-rendered.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -57,12 +56,6 @@ class AgentConfig:
     observation_role: str = "user"
     accept_text_answer: bool = True  # a "FINAL ANSWER: x" line without code ends the episode
     decode_chunk_steps: int = 16  # decode steps per engine call: stop-handling latency vs overhead
-    # When episodes wait for a slot while others' tools run longer than a decode chunk, hand
-    # those slots over and re-prefill the history when the observation is back. Pays off when
-    # prefill is cheap next to decode and tools are slow; on CPU the re-prefills cost more than
-    # they save, hence off by default. Slots beyond the engine's decode rows avoid the
-    # re-prefill altogether, at the cost of cache memory (benchmarks/bench_rollout.py).
-    release_slots_during_tools: bool = False
     # Baseline for benchmarks: every turn waits until all live episodes' tools are done.
     lockstep: bool = False
 
@@ -139,7 +132,6 @@ class RolloutStats:
     num_format_errors: int
     num_sampled_tokens: int
     num_appended_tokens: int
-    num_reprefill_tokens: int  # history re-prefilled after a slot was handed over
     statuses: dict[str, int]
 
     @classmethod
@@ -219,7 +211,6 @@ class _Episode:
         self.deadline = math.inf
         self.ran_code = False
         self.pending: list[int] | None = None  # observation delta waiting to be appended
-        self.tool_start = 0.0
         self.done = False
 
 
@@ -289,13 +280,10 @@ class _Rollout:
             sampling, stop_token_ids=stop_ids, stop_sequences=stop_seqs
         )
         self.queue: collections.deque[_Episode] = collections.deque()  # waiting for a first slot
-        self.returning: collections.deque[_Episode] = collections.deque()  # handed-over slots
         self.ready: list[_Episode] = []  # live slot, observation ready to append
         self.decoding: dict[int, _Episode] = {}  # slot -> episode
         self.releases: list[int] = []
         self.num_live = 0  # episodes holding a slot (or about to)
-        self.in_tool: dict[int, _Episode] = {}  # slot -> episode waiting on its tool
-        self.last_chunk_s = 0.0
         self.num_unfinished = 0
         self.tool_tasks: set[asyncio.Task] = set()
         self.close_tasks: set[asyncio.Task] = set()
@@ -367,7 +355,6 @@ class _Rollout:
             num_format_errors=c["format_errors"],
             num_sampled_tokens=c["sampled_tokens"],
             num_appended_tokens=c["appended_tokens"],
-            num_reprefill_tokens=c["reprefill_tokens"],
             statuses={k[7:]: v for k, v in c.items() if k.startswith("status_")},
         )
 
@@ -378,28 +365,18 @@ class _Rollout:
             for ep in self.ready:
                 appends.append((ep, ep.pending, self._turn_sampling(ep, len(ep.pending))))
             self.ready = []
-            self._hand_over_slots()
-            # Episodes coming back from a tool finish before new ones start.
-            while (self.returning or self.queue) and self.num_live < self.engine.num_slots:
-                ep = (self.returning or self.queue).popleft()
-                if ep.deadline == math.inf:
-                    ep.deadline = time.perf_counter() + self.config.episode_timeout_s
-                delta = ep.pending or []
-                self.counts["reprefill_tokens"] += len(ep.tokens) if ep.pending else 0
-                adds.append((ep, ep.tokens + delta, self._turn_sampling(ep, len(delta))))
+            while self.queue and self.num_live < self.engine.num_slots:
+                ep = self.queue.popleft()
+                ep.deadline = time.perf_counter() + self.config.episode_timeout_s
+                adds.append((ep, ep.tokens, self._turn_sampling(ep, 0)))
                 self.num_live += 1
         for ep, delta, _ in appends:
             self._commit_delta(ep, delta)
-        for ep, _, _ in adds:
-            if ep.pending is not None:
-                self._commit_delta(ep, ep.pending)
         if not (appends or adds or self.decoding):
-            # Nothing can decode: every live episode waits on a tool. Sleep until one is back,
-            # or until a slot may be handed over to a waiting episode.
+            # Nothing can decode: every live episode waits on a tool. Sleep until one is back.
             t0 = time.perf_counter()
             self.wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self._hand_over_wait_s())
+            await self.wake.wait()
             self.times["idle"] += time.perf_counter() - t0
             return
         releases, self.releases = self.releases, []
@@ -411,8 +388,7 @@ class _Rollout:
             [(ep.slot, delta, sp) for ep, delta, sp in appends],
             [(tokens, sp) for _, tokens, sp in adds],
         )
-        self.last_chunk_s = time.perf_counter() - t0
-        self.times["engine"] += self.last_chunk_s
+        self.times["engine"] += time.perf_counter() - t0
         self.counts["engine_calls"] += 1
         for ep, _, _ in appends:
             self.decoding[ep.slot] = ep
@@ -429,40 +405,6 @@ class _Rollout:
             if now > ep.deadline:
                 del self.decoding[slot]
                 self._finish(ep, "timeout")
-
-    def _hand_over_slots(self) -> None:
-        """Frees the slots of episodes whose tool outlasted a decode chunk, while others wait.
-
-        A slot waiting on a tool decodes nothing; a queued episode could use it. The price is a
-        re-prefill of the history when the observation is back, so tools that return within a
-        chunk keep their slot. The newest waits go first: with similar latencies they have the
-        longest left to wait.
-        """
-        if not self.config.release_slots_during_tools or self.config.lockstep:
-            return
-        waiting = len(self.returning) + len(self.queue)
-        free = self.engine.num_slots - self.num_live
-        now = time.perf_counter()
-        for ep in sorted(self.in_tool.values(), key=lambda e: -e.tool_start):
-            if waiting <= free:
-                break
-            if now - ep.tool_start >= self.last_chunk_s:
-                del self.in_tool[ep.slot]
-                self.releases.append(ep.slot)
-                ep.slot = None
-                self.num_live -= 1
-                free += 1
-
-    def _hand_over_wait_s(self) -> float | None:
-        """How long the idle driver may sleep before a slot can be handed over (None: forever)."""
-        if not self.config.release_slots_during_tools or self.config.lockstep:
-            return None
-        if not (self.returning or self.queue):
-            return None
-        if not self.in_tool:
-            return None
-        soonest = min(ep.tool_start for ep in self.in_tool.values()) + self.last_chunk_s
-        return max(soonest - time.perf_counter(), 0.0)
 
     def _engine_call(self, releases, appends, adds, decode=True):
         """Runs on the engine thread: every engine call happens here, one at a time."""
@@ -508,8 +450,6 @@ class _Rollout:
         elif parsed.code is not None:
             ep.ran_code = True
             self.counts["code_runs"] += 1
-            ep.tool_start = time.perf_counter()
-            self.in_tool[ep.slot] = ep
             task = asyncio.create_task(self._run_code(ep, text, parsed.code))
             self.tool_tasks.add(task)
             task.add_done_callback(self._tool_done)
@@ -575,11 +515,7 @@ class _Rollout:
             return
         ep.turns.append(data_types.Turn(text, code, observation, exec_status, duration_s))
         ep.pending = delta
-        if ep.slot is None:
-            self.returning.append(ep)
-        else:
-            self.in_tool.pop(ep.slot, None)
-            self.ready.append(ep)
+        self.ready.append(ep)  # its slot waited with its cache; the delta is appended there
         self.wake.set()
 
     def _delta(self, ep: _Episode, observation: str) -> list[int]:
@@ -603,7 +539,6 @@ class _Rollout:
         if ep.slot is not None:
             self.releases.append(ep.slot)
             self.decoding.pop(ep.slot, None)
-            self.in_tool.pop(ep.slot, None)
             ep.slot = None
             self.num_live -= 1
         if ep in self.ready:

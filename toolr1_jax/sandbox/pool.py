@@ -289,9 +289,11 @@ class Session:
         )
 
     async def _crashed(self, w: _Worker, cause: Exception, start: float) -> ExecResult:
-        # The channel broke: the process died, or the program closed its end.
+        # The channel broke: the process died, or the program closed its end. The zygote reports
+        # the exit; on a loaded machine, with many sessions starting and ending, that took longer
+        # than 0.5 s once (and the error then said "broke its channel" instead of the exit code).
         try:
-            info = await asyncio.wait_for(asyncio.shield(w.exited), 0.5)
+            info = await asyncio.wait_for(asyncio.shield(w.exited), 2.0)
         except asyncio.TimeoutError:
             info = None
         await self._kill_worker()

@@ -201,7 +201,7 @@ class _Zygote:
 
     def serve(self) -> None:
         # Exits are watched through a pidfd per worker, not SIGCHLD: the host stops and continues
-        # every worker around each run, and SIGCHLD would wake this loop twice per run for nothing.
+        # workers between runs, and SIGCHLD would wake this loop for each of those, for nothing.
         # Orphans re-parented here (only without pid namespaces) are reaped on the 1 s tick.
         os.set_blocking(0, False)
         frames = protocol.FrameBuffer()

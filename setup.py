@@ -46,6 +46,7 @@ setuptools.setup(
         "rank-bm25>=0.2.2",
         "httpx>=0.27",
         "matplotlib>=3.9",
+        "pyseccomp>=0.1.2",  # seccomp filters for the sandbox, through the system's libseccomp
         "av>=14",  # PyAV (bundles FFmpeg): a video attachment's audio track for transcription
     ],
     extras_require={

@@ -72,7 +72,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                 state.step += 1
                 metrics = {
                     **_step_metrics(state, groups, stats, group_counts, update_metrics),
-                    **state.queue.summary(),
+                    **state.queue.summary(),  # reads the queue's device arrays: a host sync
                     "compiles": float(parts.compiles.count - compiles_before),
                     "time/step_s": time.perf_counter() - t_step,
                     "time/judge_s": judge_s,

@@ -196,7 +196,12 @@ class _GroupState:
 
 
 class _Episode:
-    """Mutable host state of one episode (the frozen `Trajectory` is built when it ends)."""
+    """Mutable host state of one episode (the frozen `Trajectory` is built when it ends).
+
+    `phase` is where it stands: "queued" (no slot yet), "decoding" (in the engine), "tool" (its
+    code runs; the slot keeps its cache), "ready" (an observation delta waits to be appended to
+    its slot), "done".
+    """
 
     def __init__(self, group: _GroupState, index: int, sampling: engine_lib.SamplingParams):
         self.group = group
@@ -211,7 +216,7 @@ class _Episode:
         self.deadline = math.inf
         self.ran_code = False
         self.pending: list[int] | None = None  # observation delta waiting to be appended
-        self.done = False
+        self.phase = "queued"
 
 
 async def rollout(
@@ -279,11 +284,8 @@ class _Rollout:
         self.base_sampling = dataclasses.replace(
             sampling, stop_token_ids=stop_ids, stop_sequences=stop_seqs
         )
-        self.queue: collections.deque[_Episode] = collections.deque()  # waiting for a first slot
-        self.ready: list[_Episode] = []  # live slot, observation ready to append
-        self.decoding: dict[int, _Episode] = {}  # slot -> episode
+        self.by_slot: dict[int, _Episode] = {}  # the episode holding each engine slot
         self.releases: list[int] = []
-        self.num_live = 0  # episodes holding a slot (or about to)
         self.num_unfinished = 0
         self.tool_tasks: set[asyncio.Task] = set()
         self.close_tasks: set[asyncio.Task] = set()
@@ -321,8 +323,6 @@ class _Rollout:
                     self.num_unfinished += 1
                     if len(ep.tokens) >= self.config.max_total_tokens:
                         self._finish(ep, "max_tokens")  # the prompt alone fills the budget
-                    else:
-                        self.queue.append(ep)
             while self.num_unfinished:
                 await self._iteration(loop, executor)
                 if self.error is not None:
@@ -337,7 +337,7 @@ class _Rollout:
             await loop.run_in_executor(executor, self._engine_call, held, [], [], False)
             executor.shutdown(wait=True)
             for ep in self.episodes:  # only after an error are there unfinished episodes
-                if not ep.done and ep.session is not None:
+                if ep.phase != "done" and ep.session is not None:
                     self.close_tasks.add(asyncio.create_task(ep.session.close()))
             for r in await asyncio.gather(*self.close_tasks, return_exceptions=True):
                 if isinstance(r, BaseException):
@@ -359,20 +359,23 @@ class _Rollout:
         )
 
     async def _iteration(self, loop, executor) -> None:
-        barrier = not self.config.lockstep or (not self.decoding and not self.tool_tasks)
+        decoding = any(ep.phase == "decoding" for ep in self.by_slot.values())
+        barrier = not self.config.lockstep or (not decoding and not self.tool_tasks)
         appends, adds = [], []
         if barrier:
-            for ep in self.ready:
-                appends.append((ep, ep.pending, self._turn_sampling(ep, len(ep.pending))))
-            self.ready = []
-            while self.queue and self.num_live < self.engine.num_slots:
-                ep = self.queue.popleft()
-                ep.deadline = time.perf_counter() + self.config.episode_timeout_s
-                adds.append((ep, ep.tokens, self._turn_sampling(ep, 0)))
-                self.num_live += 1
+            free = self.engine.num_slots - len(self.by_slot)
+            for ep in self.episodes:  # in request order: the first queued get the free slots
+                if ep.phase == "ready":
+                    appends.append((ep, ep.pending, self._turn_sampling(ep, len(ep.pending))))
+                elif ep.phase == "queued" and len(adds) < free:
+                    ep.deadline = time.perf_counter() + self.config.episode_timeout_s
+                    adds.append((ep, ep.tokens, self._turn_sampling(ep, 0)))
         for ep, delta, _ in appends:
             self._commit_delta(ep, delta)
-        if not (appends or adds or self.decoding):
+            ep.phase = "decoding"
+        for ep, _, _ in adds:
+            ep.phase = "decoding"
+        if not (appends or adds or decoding):
             # Nothing can decode: every live episode waits on a tool. Sleep until one is back.
             t0 = time.perf_counter()
             self.wake.clear()
@@ -390,20 +393,16 @@ class _Rollout:
         )
         self.times["engine"] += time.perf_counter() - t0
         self.counts["engine_calls"] += 1
-        for ep, _, _ in appends:
-            self.decoding[ep.slot] = ep
         self.held_slots.difference_update(releases)
         for (ep, _, _), slot in zip(adds, slots, strict=True):
             ep.slot = slot
             self.held_slots.add(slot)
-            self.decoding[slot] = ep
+            self.by_slot[slot] = ep
         for out in outputs:
-            ep = self.decoding.pop(out.slot)
-            self._on_turn(ep, out)
+            self._on_turn(self.by_slot[out.slot], out)
         now = time.perf_counter()
-        for slot, ep in list(self.decoding.items()):
-            if now > ep.deadline:
-                del self.decoding[slot]
+        for ep in list(self.by_slot.values()):
+            if ep.phase == "decoding" and now > ep.deadline:
                 self._finish(ep, "timeout")
 
     def _engine_call(self, releases, appends, adds, decode=True):
@@ -449,6 +448,7 @@ class _Rollout:
             self._finish(ep, "max_tokens")
         elif parsed.code is not None:
             ep.ran_code = True
+            ep.phase = "tool"
             self.counts["code_runs"] += 1
             task = asyncio.create_task(self._run_code(ep, text, parsed.code))
             self.tool_tasks.add(task)
@@ -515,7 +515,7 @@ class _Rollout:
             return
         ep.turns.append(data_types.Turn(text, code, observation, exec_status, duration_s))
         ep.pending = delta
-        self.ready.append(ep)  # its slot waited with its cache; the delta is appended there
+        ep.phase = "ready"  # its slot waited with its cache; the delta is appended there
         self.wake.set()
 
     def _delta(self, ep: _Episode, observation: str) -> list[int]:
@@ -531,18 +531,15 @@ class _Rollout:
     # -- the end ----------------------------------------------------------------------------------
 
     def _finish(self, ep: _Episode, status: str, final_answer: str | None = None):
-        if ep.done:
+        if ep.phase == "done":
             return
-        ep.done = True
+        ep.phase = "done"
         self.num_unfinished -= 1
         self.counts["status_" + status] += 1
         if ep.slot is not None:
             self.releases.append(ep.slot)
-            self.decoding.pop(ep.slot, None)
+            del self.by_slot[ep.slot]
             ep.slot = None
-            self.num_live -= 1
-        if ep in self.ready:
-            self.ready.remove(ep)
         if ep.session is not None:
             self.close_tasks.add(asyncio.create_task(ep.session.close()))
         g = ep.group

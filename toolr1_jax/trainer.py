@@ -152,7 +152,9 @@ class _State:
     ref_params: Any = None
 
     def checkpoint(self, mesh) -> tuple[dict, dict]:
-        """(global arrays, JSON host state): every process saves its devices' part."""
+        """(global arrays, JSON host state): every process saves its devices' part. Saves are
+        asynchronous, but `Checkpointer.save` copies the arrays before it returns, so the next
+        update may donate the params and optimizer state."""
         arrays = {
             "params": self.params,
             "opt_state": self.opt_state,

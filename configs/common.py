@@ -115,6 +115,40 @@ Files are in the working directory. Tools:
 Imports: {authorized_imports}. When you know the answer, call final_answer(answer).
 """
 
+# SmolLM2-135M-Instruct follows instructions in the user turn far more than in the system prompt
+# (measured on 12 level-1 questions, greedy: 1/12 first turns held code with COMPACT_SYSTEM_PROMPT,
+# 3/12 with the examples below, 12/12 with the examples plus SMOLLM2_TASK_TEMPLATE's reminder).
+SMOLLM2_SYSTEM_PROMPT = """\
+You solve tasks by writing Python code. Answer every message in exactly this format:
+Thought: <one sentence>
+<code>
+<python code>
+</code>
+The code runs and its printed output comes back as "Observation:". Variables persist between \
+steps. Files are in the working directory. Tools:
+{tool_signatures}
+Imports: {authorized_imports}.
+Example:
+Task: What is 12 * (3 + 4)?
+Thought: I compute it with Python.
+<code>
+final_answer(12 * (3 + 4))
+</code>
+Example:
+Task: How many rows in data.csv have color red?
+Thought: I read the file with pandas and count.
+<code>
+import pandas as pd
+df = pd.read_csv("data.csv")
+print(len(df[df["color"] == "red"]))
+</code>
+When you know the answer, call final_answer(answer).
+"""
+SMOLLM2_TASK_TEMPLATE = (
+    "Task: {question}{files}\nSolve it with Python: write a Thought: line, then code between "
+    "<code> and </code>. Call final_answer(answer) in the code."
+)
+
 # (data, fsdp, tensor); -1 takes the remaining devices.
 MESH_PRESETS = {
     "single": (1, 1, 1),
@@ -197,6 +231,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.agent.temperature = 1.0
     c.agent.top_p = 1.0
     c.agent.top_k = 0
+    # A turn stops after its code block; "\n```\n" closes a markdown block, the fallback format
+    # instruction-tuned models write (configs/demo.py:smollm2 adds it).
+    c.agent.stop_strings = ("</code>",)
     # Derived, not a second setting: a slot holds one whole episode. (Setting either key sets
     # both: they are one ml_collections reference.)
     c.engine.max_len = c.agent.get_ref("max_total_tokens")

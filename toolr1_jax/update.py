@@ -313,10 +313,11 @@ class _Jitted:
     def num_compilations(self) -> int:
         return sum(f._cache_size() for f in self._compiled.values())
 
-    def __call__(self, state, opt_state, batch, ref_state):
+    def _prepare(self, state, opt_state, batch, ref_state):
+        """The jitted function for these arguments, and the arguments laid out on the mesh."""
         mesh = self._mesh
         if mesh is None:
-            return self._compiled[None](state, opt_state, batch, ref_state)
+            return self._compiled[None], (state, opt_state, batch, ref_state)
         state_s = _replicated_unless_named(state, mesh)
         opt_s = _replicated_unless_named(opt_state, mesh)
         state, opt_state = jax.device_put((state, opt_state), (state_s, opt_s))
@@ -328,8 +329,23 @@ class _Jitted:
             self._compiled[key] = jax.jit(
                 self._fn, donate_argnums=self._donate, out_shardings=self._out(state_s, opt_s)
             )
-        with jax.set_mesh(mesh):
-            return self._compiled[key](state, opt_state, batch, ref_state)
+        return self._compiled[key], (state, opt_state, batch, ref_state)
+
+    def __call__(self, state, opt_state, batch, ref_state):
+        fn, args = self._prepare(state, opt_state, batch, ref_state)
+        if self._mesh is None:
+            return fn(*args)
+        with jax.set_mesh(self._mesh):
+            return fn(*args)
+
+    def lower(self, state, opt_state, batch, ref_state):
+        """jit's `Lowered` for these arguments (`.compile().memory_analysis()` gives the
+        program's memory); nothing runs and nothing is donated."""
+        fn, args = self._prepare(state, opt_state, batch, ref_state)
+        if self._mesh is None:
+            return fn.lower(*args)
+        with jax.set_mesh(self._mesh):
+            return fn.lower(*args)
 
 
 def make_grad_fn(
@@ -387,6 +403,10 @@ class TrainStep:
 
     def __call__(self, state, opt_state, batch, ref_state=None):
         return self._jitted(state, opt_state, batch, ref_state)
+
+    def lower(self, state, opt_state, batch, ref_state=None):
+        """The step lowered for these arguments, e.g. for its compiled memory analysis."""
+        return self._jitted.lower(state, opt_state, batch, ref_state)
 
     @property
     def num_compilations(self) -> int:

@@ -290,6 +290,26 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), k, v
 
 
+@nnx.remat
+def _remat_block(layer: Block, x, positions, inv_freq, mask):
+    """A block whose activations are recomputed in the backward pass instead of stored.
+
+    Only the block's input [B, T, D] is kept per layer. Otherwise the backward holds every
+    layer's attention scores and probabilities ([B, K, G, T, T] float32 each): at SmolLM2's size,
+    a B8 x 1024-token update needed 40 GB of temporaries. The price is a second forward through
+    each block; forward-only calls (prefill, evaluation) are unaffected, as remat changes nothing
+    without a gradient. On XLA:CPU this needs the memory-aware scheduler (toolr1_jax/__init__.py):
+    the default one runs every block's recomputation at once and keeps them all alive.
+    """
+    graphdef, state = nnx.split(layer)
+
+    @jax.checkpoint
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, positions, inv_freq, mask)[0]
+
+    return run(state, x)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. Parameters are created in `dtype`, which is also the compute dtype."""
 
@@ -340,7 +360,7 @@ class Transformer(nnx.Module):
             x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
             inv_freq = rope_inv_freq(self.config)
             for layer in self.layers:
-                x, _, _ = layer(x, positions, inv_freq, mask)
+                x = _remat_block(layer, x, positions, inv_freq, mask)
             return self.final_norm(x), None
 
         hidden, k, v = self._hidden_states_and_kv(tokens, positions, cache, attn_mask)

@@ -10,6 +10,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import transformers
 
@@ -96,6 +97,19 @@ def tiny_model_config(**overrides) -> model_lib.ModelConfig:
         qkv_bias=True,
     )
     return model_lib.ModelConfig(**{**fields, **overrides})
+
+
+def left_padded_batch(vocab_size: int, seed: int = 0, pad_id: int = ENDOFTEXT_ID):
+    """Random tokens [3, 12] for parity tests; row 1 is left-padded by 5, row 2 by 11 (a single
+    real token). Returns (tokens, attention mask, positions) as int64 numpy arrays."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab_size, size=(3, 12))
+    mask = np.ones((3, 12), np.int64)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    tokens[mask == 0] = pad_id
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return tokens, mask, positions
 
 
 def make_hf_config(model_type: str = "qwen2", **overrides) -> transformers.PretrainedConfig:

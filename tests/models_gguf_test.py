@@ -6,6 +6,7 @@ the logits of the source model with the same (quantized, then dequantized) weigh
 """
 
 import gguf
+import helpers
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,36 +36,15 @@ _GLOBAL = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-_TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    initializer_range=0.1,
-    eos_token_id=2,
-    bos_token_id=1,
-)
-_FAMILY = {
-    "qwen2": dict(tie_word_embeddings=False, rope_theta=10000.0),
-    "qwen3": dict(head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0),
-    "llama": dict(tie_word_embeddings=True, rope_theta=500000.0),
-}
+# Llama GGUF files carry no Llama 3 RoPE scaling (the loader refuses it), so the llama fixture
+# uses plain RoPE here.
+_PLAIN_ROPE = {"llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0})}
 
 
 def _hf_model(arch, seed=0, **overrides):
-    config = transformers.AutoConfig.for_model(arch, **{**_TINY, **_FAMILY[arch], **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # norms start at 1 and biases at 0: perturb so misplacing them shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return helpers.make_hf_model(
+        arch, seed=seed, bos_token_id=1, **{**_PLAIN_ROPE.get(arch, {}), **overrides}
+    )
 
 
 def _gguf_name(hf_name):
@@ -136,12 +116,7 @@ def write_gguf(model, path, qtype=gguf.GGMLQuantizationType.F32, arch=None, raw_
 
 def _logits_both(model, path):
     ours, config = params.load_pretrained(path, dtype=jnp.float32)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(3, config.vocab_size, size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    tokens, mask, positions = helpers.left_padded_batch(config.vocab_size)
     got, _ = ours(jnp.asarray(tokens), jnp.asarray(positions), attn_mask=jnp.asarray(mask))
     with torch.no_grad():
         want = model(

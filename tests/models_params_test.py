@@ -17,15 +17,7 @@ FAMILIES = ("qwen2", "qwen3", "llama")
 
 
 def _batch(vocab_size, seed=0):
-    """Random tokens [3, 12]; row 1 is left-padded by 5, row 2 by 11 (a single real token)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocab_size, size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    tokens[mask == 0] = helpers.ENDOFTEXT_ID
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    return tokens, mask, positions
+    return helpers.left_padded_batch(vocab_size, seed)
 
 
 def _hf_logits(hf_model, tokens, mask, positions):

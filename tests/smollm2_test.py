@@ -14,6 +14,7 @@ import transformers
 from flax import nnx
 
 from tests import agent_rollout_test as scripted_lib
+from tests import helpers
 from toolr1_jax import engine as engine_lib
 from toolr1_jax.agent import prompt
 from toolr1_jax.data import types
@@ -60,15 +61,10 @@ def test_named_model_has_the_published_architecture(ours, tok):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_logits_match_transformers_gguf_loader(ours, theirs, seed):
+def test_logits_match_transformers_gguf_loader(ours, theirs, tok, seed):
     model, config = ours
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, config.vocab_size, size=(3, 12))
-    mask = np.ones((3, 12), np.int64)
-    mask[1, :5] = 0
-    mask[2, :11] = 0
-    tokens[mask == 0] = 2
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    pad_id = tok.pad_id
+    tokens, mask, positions = helpers.left_padded_batch(config.vocab_size, seed, pad_id)
     got, _ = model(jnp.asarray(tokens), jnp.asarray(positions), attn_mask=jnp.asarray(mask))
     with torch.no_grad():
         want = theirs(

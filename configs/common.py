@@ -234,6 +234,9 @@ def base_config() -> ml_collections.ConfigDict:
     # A turn stops after its code block; "\n```\n" closes a markdown block, the fallback format
     # instruction-tuned models write (configs/demo.py:smollm2 adds it).
     c.agent.stop_strings = ("</code>",)
+    # The baseline the asynchronous rollout is measured against (bench_rollout.py, ablations):
+    # no episode starts its next turn until every live episode's tool call is back.
+    c.agent.lockstep = False
     # Derived, not a second setting: a slot holds one whole episode. (Setting either key sets
     # both: they are one ml_collections reference.)
     c.engine.max_len = c.agent.get_ref("max_total_tokens")

@@ -327,6 +327,7 @@ def agent_config(config: ml_collections.ConfigDict) -> rollout.AgentConfig:
         observation_max_chars=a.observation_max_chars,
         episode_timeout_s=a.episode_timeout_s,
         stop_strings=tuple(a.stop_strings),
+        lockstep=a.lockstep,
         decode_chunk_steps=config.engine.decode_chunk_steps,
     )
 

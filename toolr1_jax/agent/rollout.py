@@ -56,7 +56,8 @@ class AgentConfig:
     observation_role: str = "user"
     accept_text_answer: bool = True  # a "FINAL ANSWER: x" line without code ends the episode
     decode_chunk_steps: int = 16  # decode steps per engine call: stop-handling latency vs overhead
-    # Baseline for benchmarks: every turn waits until all live episodes' tools are done.
+    # The baseline (config agent.lockstep; bench_rollout.py): every turn waits until all live
+    # episodes' tools are done.
     lockstep: bool = False
 
     def __post_init__(self):

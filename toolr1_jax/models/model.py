@@ -290,7 +290,6 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), k, v
 
 
-@nnx.remat
 def _remat_block(layer: Block, x, positions, inv_freq, mask):
     """A block whose activations are recomputed in the backward pass instead of stored.
 

@@ -10,6 +10,7 @@ cache. Reading and dequantizing go through the `gguf` package, which llama.cpp m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -86,6 +87,15 @@ def find_gguf(path) -> pathlib.Path | None:
 
 
 def file_sha256(path: pathlib.Path) -> str:
+    """The file's SHA-256, read once per process for each (path, size, mtime): a run resolves
+    its source for the config, the weights and the tokenizer, and a 7B GGUF takes seconds."""
+    st = path.stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # in the cache key only: a rewritten file is hashed again
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(16 * 1024 * 1024):
@@ -105,9 +115,9 @@ def cached_conversion(gguf_path) -> pathlib.Path:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         convert(gguf_path, tmp)
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        with contextlib.suppress(OSError):  # another process renamed its copy first
+        # Renaming onto an existing directory fails: another process renamed its complete copy
+        # first (and may be reading it by now), so ours is dropped, never theirs.
+        with contextlib.suppress(OSError):
             os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,15 +164,10 @@ def hf_config(reader: gguf.GGUFReader, path: pathlib.Path) -> dict:
         )
     model_type, hf_class = ARCHITECTURES[arch]
     names = {t.name for t in reader.tensors}
-    if (
-        "rope_freqs.weight" in names
-        or _field(reader, f"{arch}.rope.scaling.type", "none")
-        not in (
-            "none",
-            "linear",
-        )
-        or _field(reader, f"{arch}.rope.scaling.factor", 1.0) != 1.0
-    ):
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = _field(reader, f"{arch}.rope.scaling.factor", 1.0)
+    # Llama 3.1+ store their scaling as a rope_freqs tensor of per-frequency divisors.
+    if "rope_freqs.weight" in names or scaling not in ("none", "linear") or factor != 1.0:
         raise ValueError(f"{path}: RoPE scaling in GGUF files is not supported.")
 
     def need(key):

@@ -13,6 +13,7 @@ step builder; `make_batch` turns trajectories into the fixed-shape `Batch` both 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -331,20 +332,19 @@ class _Jitted:
             )
         return self._compiled[key], (state, opt_state, batch, ref_state)
 
+    def _mesh_context(self):
+        return contextlib.nullcontext() if self._mesh is None else jax.set_mesh(self._mesh)
+
     def __call__(self, state, opt_state, batch, ref_state):
         fn, args = self._prepare(state, opt_state, batch, ref_state)
-        if self._mesh is None:
-            return fn(*args)
-        with jax.set_mesh(self._mesh):
+        with self._mesh_context():
             return fn(*args)
 
     def lower(self, state, opt_state, batch, ref_state):
         """jit's `Lowered` for these arguments (`.compile().memory_analysis()` gives the
         program's memory); nothing runs and nothing is donated."""
         fn, args = self._prepare(state, opt_state, batch, ref_state)
-        if self._mesh is None:
-            return fn.lower(*args)
-        with jax.set_mesh(self._mesh):
+        with self._mesh_context():
             return fn.lower(*args)
 
 

@@ -10,6 +10,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -110,6 +111,23 @@ def left_padded_batch(vocab_size: int, seed: int = 0, pad_id: int = ENDOFTEXT_ID
     tokens[mask == 0] = pad_id
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return tokens, mask, positions
+
+
+def hf_logits(hf_model, tokens, mask, positions) -> np.ndarray:
+    """A transformers model's logits [B, T, V] for a batch from `left_padded_batch`."""
+    with torch.no_grad():
+        out = hf_model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        )
+    return out.logits.numpy()
+
+
+def our_logits(model, tokens, mask, positions) -> np.ndarray:
+    """A `Transformer`'s logits [B, T, V] for the same batch."""
+    logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), attn_mask=jnp.asarray(mask))
+    return np.asarray(logits)
 
 
 def make_hf_config(model_type: str = "qwen2", **overrides) -> transformers.PretrainedConfig:

@@ -116,16 +116,9 @@ def write_gguf(model, path, qtype=gguf.GGMLQuantizationType.F32, arch=None, raw_
 
 def _logits_both(model, path):
     ours, config = params.load_pretrained(path, dtype=jnp.float32)
-    tokens, mask, positions = helpers.left_padded_batch(config.vocab_size)
-    got, _ = ours(jnp.asarray(tokens), jnp.asarray(positions), attn_mask=jnp.asarray(mask))
-    with torch.no_grad():
-        want = model(
-            input_ids=torch.tensor(tokens),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(positions),
-        ).logits.numpy()
-    real = mask.astype(bool)
-    return np.asarray(got)[real], want[real]
+    batch = helpers.left_padded_batch(config.vocab_size)
+    real = batch[1].astype(bool)
+    return helpers.our_logits(ours, *batch)[real], helpers.hf_logits(model, *batch)[real]
 
 
 @pytest.fixture(autouse=True)

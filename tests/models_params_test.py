@@ -20,21 +20,6 @@ def _batch(vocab_size, seed=0):
     return helpers.left_padded_batch(vocab_size, seed)
 
 
-def _hf_logits(hf_model, tokens, mask, positions):
-    with torch.no_grad():
-        out = hf_model(
-            input_ids=torch.tensor(tokens),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(positions),
-        )
-    return out.logits.numpy()
-
-
-def _our_logits(model, tokens, mask, positions):
-    logits, _ = model(jnp.asarray(tokens), jnp.asarray(positions), attn_mask=jnp.asarray(mask))
-    return np.asarray(logits)
-
-
 def _max_err_on_real_tokens(a, b, mask):
     real = mask.astype(bool)
     return float(np.max(np.abs(a[real] - b[real])))
@@ -49,8 +34,8 @@ def test_parity_with_transformers(hf_dir):
     model, config = params.load_pretrained(hf_dir, dtype=jnp.float32)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokens, mask, positions = _batch(config.vocab_size)
-    ours = _our_logits(model, tokens, mask, positions)
-    theirs = _hf_logits(hf_model.eval(), tokens, mask, positions)
+    ours = helpers.our_logits(model, tokens, mask, positions)
+    theirs = helpers.hf_logits(hf_model.eval(), tokens, mask, positions)
     assert ours.shape == theirs.shape == (3, 12, config.vocab_size)
     # Guard against a vacuous pass: logits must be far from constant.
     assert np.std(theirs[mask.astype(bool)]) > 0.1
@@ -78,10 +63,10 @@ def test_sharded_checkpoint_with_index(tmp_path):
     b, _ = params.load_pretrained(sharded)
     tokens, mask, positions = _batch(config.vocab_size, seed=1)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32)
-    theirs = _hf_logits(hf_model.eval(), tokens, mask, positions)
-    ours = _our_logits(b, tokens, mask, positions)
+    theirs = helpers.hf_logits(hf_model.eval(), tokens, mask, positions)
+    ours = helpers.our_logits(b, tokens, mask, positions)
     assert _max_err_on_real_tokens(ours, theirs, mask) <= 1e-4
-    np.testing.assert_array_equal(ours, _our_logits(a, tokens, mask, positions))
+    np.testing.assert_array_equal(ours, helpers.our_logits(a, tokens, mask, positions))
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -93,13 +78,13 @@ def test_export_round_trip(tmp_path, model_type):
     assert (out / params.INDEX_FILE).is_file()
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokens, mask, positions = _batch(config.vocab_size, seed=2)
-    ours = _our_logits(model, tokens, mask, positions)
-    theirs = _hf_logits(hf_model.eval(), tokens, mask, positions)
+    ours = helpers.our_logits(model, tokens, mask, positions)
+    theirs = helpers.hf_logits(hf_model.eval(), tokens, mask, positions)
     assert _max_err_on_real_tokens(ours, theirs, mask) <= 1e-4
     # Loading our export back gives the same config and bit-identical weights.
     again, config2 = params.load_pretrained(out)
     assert config2 == config
-    np.testing.assert_array_equal(ours, _our_logits(again, tokens, mask, positions))
+    np.testing.assert_array_equal(ours, helpers.our_logits(again, tokens, mask, positions))
 
 
 def test_export_single_file_bfloat16(tmp_path):

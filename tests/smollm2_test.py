@@ -63,18 +63,12 @@ def test_named_model_has_the_published_architecture(ours, tok):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_logits_match_transformers_gguf_loader(ours, theirs, tok, seed):
     model, config = ours
-    pad_id = tok.pad_id
-    tokens, mask, positions = helpers.left_padded_batch(config.vocab_size, seed, pad_id)
-    got, _ = model(jnp.asarray(tokens), jnp.asarray(positions), attn_mask=jnp.asarray(mask))
-    with torch.no_grad():
-        want = theirs(
-            input_ids=torch.tensor(tokens),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(positions),
-        ).logits.numpy()
+    tokens, mask, positions = helpers.left_padded_batch(config.vocab_size, seed, tok.pad_id)
     real = mask.astype(bool)
+    got = helpers.our_logits(model, tokens, mask, positions)
+    want = helpers.hf_logits(theirs, tokens, mask, positions)
     assert np.std(want[real]) > 1.0  # a real model's logits, not a constant
-    assert float(np.max(np.abs(np.asarray(got)[real] - want[real]))) <= 5e-4
+    assert float(np.max(np.abs(got[real] - want[real]))) <= 5e-4
 
 
 def _chat_prompts(tok):

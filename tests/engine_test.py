@@ -456,7 +456,8 @@ def test_set_params_switches_weights_without_copy_or_recompile(engine, full_logp
 
 def test_no_compilation_after_warmup(engine):
     """After `warmup`, prompts of any length, appends of any length, any number of simultaneous
-    appends and any decode chunk compile nothing: the engine has exactly three programs."""
+    appends, any decode chunk and any sharing of prompt prefixes compile nothing: the engine has
+    exactly four programs."""
     backend_compiles = []
 
     def on_duration(event, duration_s, **kwargs):
@@ -464,9 +465,9 @@ def test_no_compilation_after_warmup(engine):
             backend_compiles.append(duration_s)
 
     engine.warmup()
-    # Prefill for one slot, prefill for decode_rows slots, decode: all this module's tests ever
-    # compiled.
-    assert engine.num_compilations == 3
+    # Prefill for one slot, prefill for decode_rows slots, the prefix copy, decode: all this
+    # module's tests ever compiled.
+    assert engine.num_compilations == 4
     rng = np.random.default_rng(0)
 
     def sampling(seed):
@@ -504,9 +505,15 @@ def test_no_compilation_after_warmup(engine):
         for slot in live:
             engine.release(slot)
         engine.generate([[5] * 30] * 6, engine_lib.SamplingParams(max_new_tokens=3))
+        # Prompts sharing a 20-token prefix (copying it saves each a chunk) and equal prompts.
+        shared = rng.integers(0, VOCAB, 20).tolist()
+        engine.generate(
+            [shared + [1, 2], shared + [3], shared + [1, 2], shared + [4, 5, 6]],
+            engine_lib.SamplingParams(max_new_tokens=3),
+        )
     finally:
         jax.monitoring.unregister_event_duration_listener(on_duration)
-    assert engine.num_compilations == 3
+    assert engine.num_compilations == 4
     assert backend_compiles == []
 
 

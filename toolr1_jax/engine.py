@@ -15,11 +15,17 @@ feeds the pending token and samples the next one; prefill writes a prompt minus 
 and an append writes the pending token plus the observation minus its last token. So positions
 are always `cache length`, and every sampling step goes through the one decode program.
 
-The engine compiles exactly three programs (two when there is one row), whatever the prompts:
-prefill of one fixed-length chunk for one slot, the same for `decode_rows` slots at once, and
-decode.
+The engine compiles exactly four programs (three when there is one row), whatever the prompts:
+prefill of one fixed-length chunk for one slot, the same for `decode_rows` slots at once, a copy
+of one chunk of cache positions between slots, and decode.
 Longer writes run chunk after chunk, each attending to what earlier chunks wrote. `warmup`
-compiles all three up front.
+compiles all of them up front.
+
+Prompts queued together share their common prefixes: each is prefilled once and copied into the
+other slots that start with it (`_plan_prefills`), so a GRPO step's prefill costs about one
+prompt per question instead of one per episode. Stop strings are matched on decoded text at
+chunk boundaries, and a slot that overshot is cut and rewound (`step`); the host mirror of the
+cache lengths is exact, and every prefill starts from it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import collections
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +63,10 @@ class SamplingParams:
 
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. Generation stops on any
     id in `stop_token_ids` or when the generated tokens end with one of `stop_sequences`
-    (finish reason "stop"), or after `max_new_tokens` (finish reason "length"). The random stream
+    (finish reason "stop"), or after `max_new_tokens` (finish reason "length"). Token-id stops
+    act inside a decode chunk. `stop_strings` are matched on text, at chunk boundaries, by the
+    engine's detokenizer: a string stops generation however it is tokenized in context, and any
+    number of them fit (see `Engine.step` for what is kept). The random stream
     of a sequence depends only on `seed` and token positions, so two sequences that share a seed
     and a prompt sample the same tokens.
     """
@@ -68,6 +77,7 @@ class SamplingParams:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    stop_strings: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -76,6 +86,13 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
         )
+        if isinstance(self.stop_strings, str):  # one string would be read as its characters
+            raise ValueError(
+                f"stop_strings must be a sequence of strings, got the string {self.stop_strings!r}."
+            )
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}.")
         if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
             raise ValueError(
                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}."
@@ -101,7 +118,7 @@ class SamplingParams:
 class Completion:
     """What `generate` returns for one prompt."""
 
-    tokens: np.ndarray  # [n] int32, stop tokens included
+    tokens: np.ndarray  # [n] int32, stop tokens included (see `Engine.step` for stop strings)
     logprobs: np.ndarray  # [n] float32
     finish_reason: str  # "stop" or "length"
 
@@ -111,7 +128,7 @@ class SlotOutput:
     """What a slot generated since its last add/append, returned by `Engine.step` when it stops."""
 
     slot: int
-    tokens: np.ndarray  # [n] int32, stop tokens included
+    tokens: np.ndarray  # [n] int32, stop tokens included (see `Engine.step` for stop strings)
     logprobs: np.ndarray  # [n] float32
     finish_reason: str  # "stop" or "length"
 
@@ -125,9 +142,21 @@ class _Status(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class _PendingPrefill:
     slot: int
-    tokens: tuple[int, ...]  # written into the cache
+    tokens: tuple[int, ...]  # written into the cache at positions start, start + 1, ...
     next_token: int  # becomes the pending token
-    reset: bool  # True for `add` (cache starts empty), False for `append`
+    start: int  # the slot's cache length before the write: 0 for `add`, the host mirror's else
+    sampling: SamplingParams
+    is_prompt: bool  # `add` (may share a prefix with other prompts), not `append`
+
+
+@dataclasses.dataclass(frozen=True)
+class _Copy:
+    """Cache entries [0, num_tokens) of slot `donor` become those of `slot`, which is armed."""
+
+    donor: int
+    slot: int
+    num_tokens: int
+    next_token: int
     sampling: SamplingParams
 
 
@@ -241,6 +270,8 @@ class Engine:
         max_stop_len: int = 16,
         prefill_chunk: int = 256,
         decode_rows: int | None = None,
+        detokenize: Callable[[Sequence[int]], str] | None = None,
+        share_prefixes: bool = True,
     ):
         decode_rows = num_slots if decode_rows is None else decode_rows
         for name, value in (
@@ -266,6 +297,9 @@ class Engine:
         self.max_stop_sequences = max_stop_sequences
         self.max_stop_len = max_stop_len
         self.prefill_chunk = min(prefill_chunk, max_len)
+        # Token ids -> text, for `SamplingParams.stop_strings` (e.g. a tokenizer's `decode`).
+        self.detokenize = detokenize
+        self.share_prefixes = share_prefixes
         self._graphdef, self._params = nnx.split(model)
         state = self._init_state(model.dtype)
         # Fixed state shardings in and out of every program: left to propagation, they could
@@ -278,11 +312,16 @@ class Engine:
         self._decode_fn = jax.jit(
             self._decode_impl, donate_argnums=(1,), out_shardings=self._state_shardings
         )
+        self._copy_fn = jax.jit(
+            self._copy_impl, donate_argnums=(0,), out_shardings=self._state_shardings
+        )
 
         self._status = [_Status.FREE] * num_slots
         self._sampling: list[SamplingParams | None] = [None] * num_slots
         self._lengths = np.zeros(num_slots, np.int64)  # host mirror of the cache lengths
         self._last_token = np.zeros(num_slots, np.int64)  # host mirror of the pending token
+        # Generated tokens whose text has been searched for stop strings, per slot.
+        self._num_checked = np.zeros(num_slots, np.int64)
         self._queued: dict[int, _PendingPrefill] = {}
         # Row priority: fewest turns first, then the earliest armed (add/append).
         self._turns = np.zeros(num_slots, np.int64)
@@ -298,8 +337,12 @@ class Engine:
     @property
     def num_compilations(self) -> int:
         """Programs compiled so far, read from jit's caches (the traced code has no side
-        effects): 3 after `warmup`, and never more."""
-        return self._prefill_fn._cache_size() + self._decode_fn._cache_size()
+        effects): 4 after `warmup` (3 with one row), and never more."""
+        return (
+            self._prefill_fn._cache_size()
+            + self._decode_fn._cache_size()
+            + self._copy_fn._cache_size()
+        )
 
     @property
     def params(self) -> nnx.State:
@@ -339,6 +382,7 @@ class Engine:
         """
         for width in sorted({1, self.decode_rows}):
             self._state = self._prefill_fn(*self._prefill_args([], 0, width))
+        self._state = self._copy_fn(*self._copy_args([], 0))
         decoding = np.array([s is _Status.DECODING for s in self._status])
         # Zero steps: decode only applies what `step` would (released slots stop).
         rows = self._rows_to_decode(decoding)
@@ -359,7 +403,9 @@ class Engine:
         if not free:
             raise RuntimeError(f"add: all {self.num_slots} slots are in use; release one first.")
         slot = free[0]
-        self._queued[slot] = _PendingPrefill(slot, tokens[:-1], tokens[-1], True, sampling)
+        self._queued[slot] = _PendingPrefill(
+            slot, tokens[:-1], tokens[-1], 0, sampling, is_prompt=True
+        )
         self._turns[slot] = 0
         self._arm(slot, sampling)
         return slot
@@ -387,7 +433,10 @@ class Engine:
             sampling = self._sampling[slot]
         self._check_sampling(sampling)
         seq = (int(self._last_token[slot]), *tokens)
-        self._queued[slot] = _PendingPrefill(slot, seq[:-1], seq[-1], False, sampling)
+        start = int(self._lengths[slot])  # exact, also after a cut at a stop string
+        self._queued[slot] = _PendingPrefill(
+            slot, seq[:-1], seq[-1], start, sampling, is_prompt=False
+        )
         self._arm(slot, sampling)
 
     def release(self, slot: int) -> None:
@@ -402,6 +451,14 @@ class Engine:
         decoding slots (see the class docstring for which).
 
         Returns the slots that stopped in this chunk; they stay live until `release`.
+
+        Stop strings are searched for after the chunk, in the text of each slot's tokens since
+        its last add/append. A slot whose text contains one stops there even if the device
+        decoded on: its output keeps the tokens up to and including the first one whose text
+        completes a stop string (that token's text may run past the string: a token ">\n"
+        completes "</code>"), with finish reason "stop", and its cache is rewound to match, so a
+        later `append` continues right after the kept tokens, exactly as a fresh prefill of that
+        history would. What the device decoded past the cut (at most one chunk) is discarded.
         """
         if not isinstance(max_steps, int | np.integer) or max_steps < 1:
             raise ValueError(f"step: max_steps must be an integer >= 1, got {max_steps!r}.")
@@ -421,27 +478,70 @@ class Engine:
                 self._state.cache.lengths,
             )
         )
-        self._lengths[:] = lengths
-        stopped = np.flatnonzero(decoding & ~active)
-        if not len(stopped):
+        # Only slots that decoded are read back: a slot cut at a stop string keeps a stale
+        # device length until its next prefill, which starts from this (exact) mirror.
+        self._lengths[decoding] = lengths[decoding]
+        stopped = set(np.flatnonzero(decoding & ~active).tolist())
+        to_search = [
+            slot
+            for slot in np.flatnonzero(decoding).tolist()
+            if self._sampling[slot].stop_strings and num_gen[slot] > self._num_checked[slot]
+        ]
+        if not stopped and not to_search:
             return []
+        # Whole arrays: a slice would be a program of its own, compiled per shape.
         gen_tokens, gen_logprobs = jax.device_get(
             (self._state.gen_tokens, self._state.gen_logprobs)
         )
-        outputs = []
-        for slot in stopped.tolist():
+        cuts = {}  # slot -> tokens kept, for slots whose text holds a stop string
+        for slot in to_search:
             n = int(num_gen[slot])
+            kept = self._text_stop(
+                gen_tokens[slot, :n].tolist(),
+                self._sampling[slot].stop_strings,
+                int(self._num_checked[slot]),
+            )
+            self._num_checked[slot] = n
+            if kept is not None:
+                cuts[slot] = kept
+        outputs = []
+        for slot in sorted(stopped | cuts.keys()):
+            n = int(num_gen[slot])
+            kept = cuts.get(slot, n)
+            # The cache holds every generated token but the last (pending) one: a cut drops
+            # n - kept of them, and the last kept token becomes the pending one. The device
+            # stops decoding the slot at the next chunk (`allowed` is False for it).
+            self._lengths[slot] -= n - kept
+            self._last_token[slot] = gen_tokens[slot, kept - 1]
             self._status[slot] = _Status.STOPPED
-            self._last_token[slot] = gen_tokens[slot, n - 1]
+            reason = "stop" if slot in cuts else _FINISH_NAMES[int(finish[slot])]
             outputs.append(
                 SlotOutput(
                     slot=slot,
-                    tokens=gen_tokens[slot, :n].copy(),
-                    logprobs=gen_logprobs[slot, :n].copy(),
-                    finish_reason=_FINISH_NAMES[int(finish[slot])],
+                    tokens=gen_tokens[slot, :kept].copy(),
+                    logprobs=gen_logprobs[slot, :kept].copy(),
+                    finish_reason=reason,
                 )
             )
         return outputs
+
+    def _text_stop(self, tokens: list[int], stops: tuple[str, ...], num_clean: int) -> int | None:
+        """How many of `tokens` to keep when their text contains a stop string, else None.
+
+        The answer is the shortest prefix whose text contains one; the first `num_clean` tokens
+        are known not to (searched at an earlier chunk). Text only grows as tokens are added,
+        so a binary search over prefix lengths finds it in a few detokenizations.
+        """
+        if not any(s in self.detokenize(tokens) for s in stops):
+            return None
+        lo, hi = num_clean + 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in self.detokenize(tokens[:mid]) for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def generate(
         self,
@@ -496,6 +596,7 @@ class Engine:
     def _arm(self, slot: int, sampling: SamplingParams) -> None:
         self._status[slot] = _Status.DECODING
         self._sampling[slot] = sampling
+        self._num_checked[slot] = 0
         self._num_armed += 1
         self._armed_at[slot] = self._num_armed
         self._turns[slot] += 1
@@ -541,6 +642,11 @@ class Engine:
             raise ValueError(
                 f"{len(sampling.stop_sequences)} stop_sequences given; this engine holds at most "
                 f"max_stop_sequences={self.max_stop_sequences}."
+            )
+        if sampling.stop_strings and self.detokenize is None:
+            raise ValueError(
+                "stop_strings are matched on text, and this engine has no detokenizer: build it "
+                "with Engine(..., detokenize=tokenizer.decode)."
             )
         longest = max((len(s) for s in sampling.stop_sequences), default=0)
         if longest > self.max_stop_len:
@@ -628,15 +734,70 @@ class Engine:
         return out
 
     def _run_prefills(self) -> None:
-        """Writes every queued job in rounds: round r writes chunk r of each job that has one."""
+        """Writes every queued job, sharing prompt prefixes (`_plan_prefills`) level by level."""
         jobs = list(self._queued.values())
         self._queued.clear()
-        chunk = self.prefill_chunk
-        num_chunks = {job.slot: max(1, -(-len(job.tokens) // chunk)) for job in jobs}
         for job in jobs:
             self._last_token[job.slot] = job.next_token
-            start = 0 if job.reset else self._lengths[job.slot]
-            self._lengths[job.slot] = start + len(job.tokens)
+            self._lengths[job.slot] = job.start + len(job.tokens)
+        for copies, writes in self._plan_prefills(jobs):
+            self._run_copies(copies)
+            self._run_writes(writes)
+
+    def _plan_prefills(self, jobs: list[_PendingPrefill]):
+        """Levels of work, `[(copies, writes), ...]`; a level copies only from slots that
+        earlier levels completed.
+
+        Every episode of a GRPO step shares the system prompt, and the G episodes of a group
+        share the whole prompt, so a step's prefill would repeat the same work about G times.
+        Prompts (`add`s) are deduplicated first: equal prompts copy everything from one of them,
+        their leader. The leaders are then sorted, so prompts with a long common prefix are
+        neighbours; a leader whose common prefix with the first prompt of its run saves at least
+        one prefill chunk copies that prefix and writes only the rest (so the minimum shared
+        length is what makes a copy pay: up to a chunk). Appends never share.
+        """
+        if not self.share_prefixes:
+            return [([], jobs)]
+        chunk = self.prefill_chunk
+        levels: list[tuple[list[_Copy], list[_PendingPrefill]]] = [([], []), ([], []), ([], [])]
+        leaders: dict[tuple[int, ...], _PendingPrefill] = {}
+        followers: list[tuple[_PendingPrefill, _PendingPrefill]] = []
+        for job in jobs:
+            if not job.is_prompt:
+                levels[0][1].append(job)
+                continue
+            key = (*job.tokens, job.next_token)
+            if key in leaders:
+                followers.append((leaders[key], job))
+            else:
+                leaders[key] = job
+
+        level_of: dict[int, int] = {}
+        root = None
+        for job in sorted(leaders.values(), key=lambda j: (j.tokens, j.next_token)):
+            n = len(job.tokens)
+            shared = 0 if root is None else _common_prefix_len(root.tokens, job.tokens)
+            if shared and -(-(n - shared) // chunk) < -(-n // chunk):
+                rest = dataclasses.replace(job, tokens=job.tokens[shared:], start=shared)
+                levels[1][0].append(
+                    _Copy(root.slot, job.slot, shared, job.next_token, job.sampling)
+                )
+                if rest.tokens:  # else the copy armed it
+                    levels[1][1].append(rest)
+                level_of[job.slot] = 1
+            else:
+                root = job
+                levels[0][1].append(job)
+                level_of[job.slot] = 0
+        for leader, job in followers:
+            copy = _Copy(leader.slot, job.slot, len(job.tokens), job.next_token, job.sampling)
+            levels[level_of[leader.slot] + 1][0].append(copy)
+        return [level for level in levels if level[0] or level[1]]
+
+    def _run_writes(self, jobs: list[_PendingPrefill]) -> None:
+        """Prefills `jobs` in rounds: round r writes chunk r of each job that has one."""
+        chunk = self.prefill_chunk
+        num_chunks = {job.slot: max(1, -(-len(job.tokens) // chunk)) for job in jobs}
         width = self.decode_rows
         for r in range(max(num_chunks.values(), default=0)):
             todo = [job for job in jobs if num_chunks[job.slot] > r]
@@ -647,6 +808,16 @@ class Engine:
                 else:
                     self._state = self._prefill_fn(*self._prefill_args(batch, r, width))
 
+    def _run_copies(self, copies: list[_Copy]) -> None:
+        """Runs `copies`, `decode_rows` at a time, one prefill chunk of positions per call."""
+        chunk = self.prefill_chunk
+        num_chunks = {c.slot: max(1, -(-c.num_tokens // chunk)) for c in copies}
+        width = self.decode_rows
+        for r in range(max(num_chunks.values(), default=0)):
+            todo = [c for c in copies if num_chunks[c.slot] > r]
+            for i in range(0, len(todo), width):
+                self._state = self._copy_fn(*self._copy_args(todo[i : i + width], r))
+
     def _prefill_args(self, jobs: Sequence[_PendingPrefill], chunk_index: int, width: int):
         """Arguments of the prefill program for chunk `chunk_index` of `jobs` in `width` rows.
 
@@ -656,8 +827,8 @@ class Engine:
         chunk = self.prefill_chunk
         slot_ids = np.full((width,), self.num_slots, np.int32)
         tokens = np.zeros((width, chunk), np.int32)
+        start = np.zeros((width,), np.int32)
         num_tokens = np.zeros((width,), np.int32)
-        reset = np.zeros((width,), np.bool_)
         next_token = np.zeros((width,), np.int32)
         rows: list[SamplingParams | None] = [None] * width
         for i, job in enumerate(jobs):
@@ -665,8 +836,9 @@ class Engine:
             piece = job.tokens[chunk_index * chunk : (chunk_index + 1) * chunk]
             slot_ids[row] = job.slot
             tokens[row, : len(piece)] = piece
+            # From the host mirror, which is exact: the device's length is stale after a cut.
+            start[row] = job.start + chunk_index * chunk
             num_tokens[row] = len(piece)
-            reset[row] = job.reset and chunk_index == 0
             next_token[row] = job.next_token
             rows[row] = job.sampling
         sampling = self._sampling_rows(rows)
@@ -675,27 +847,45 @@ class Engine:
             self._state,
             slot_ids,
             tokens,
+            start,
             num_tokens,
-            reset,
             next_token,
             sampling,
         )
 
+    def _copy_args(self, copies: Sequence[_Copy], chunk_index: int):
+        """Arguments of the copy program for positions [chunk_index * prefill_chunk, ...) of
+        `copies` in `decode_rows` rows; padding rows point past the last slot."""
+        width, chunk = self.decode_rows, self.prefill_chunk
+        donors = np.full((width,), self.num_slots, np.int32)
+        slot_ids = np.full((width,), self.num_slots, np.int32)
+        num_tokens = np.zeros((width,), np.int32)
+        lengths = np.zeros((width,), np.int32)
+        next_token = np.zeros((width,), np.int32)
+        rows: list[SamplingParams | None] = [None] * width
+        for i, c in enumerate(copies):
+            donors[i], slot_ids[i] = c.donor, c.slot
+            num_tokens[i] = min(max(c.num_tokens - chunk_index * chunk, 0), chunk)
+            lengths[i] = c.num_tokens
+            next_token[i] = c.next_token
+            rows[i] = c.sampling
+        offset = np.int32(chunk_index * chunk)
+        sampling = self._sampling_rows(rows)
+        return (self._state, donors, slot_ids, offset, num_tokens, lengths, next_token, sampling)
+
     # -- jitted programs ------------------------------------------------------------------------
 
     def _prefill_impl(
-        self, params, state: EngineState, slot_ids, tokens, num_tokens, reset, next_token, sampling
+        self, params, state: EngineState, slot_ids, tokens, start, num_tokens, next_token, sampling
     ) -> EngineState:
-        """Writes tokens [P, T] after the cached entries of slots [P] and arms them for decoding.
+        """Writes tokens [P, T] at cache positions `start` [P] of slots [P] and arms them.
 
         Arming (pending token, sampling settings, budget) is the same for every chunk of a job,
-        so each chunk applies it; `reset` empties a slot's cache first (the first chunk of `add`).
+        so each chunk applies it. A chunk attends to the slot's entries before `start`.
         """
         model = nnx.merge(self._graphdef, params)
         cache = state.cache
         p, t = tokens.shape
-        lengths = cache.lengths.at[slot_ids].get(mode="fill", fill_value=0)
-        start = jnp.where(reset, 0, lengths)  # [P]
         positions = start[:, None] + jnp.arange(t)[None, :]  # [P, T]
         mask = jnp.arange(t)[None, :] < num_tokens[:, None]  # padding rows and tokens write nothing
         # Only the cache is needed; hidden states skip the LM head.
@@ -720,20 +910,41 @@ class Engine:
         cache = model_lib.KVCache(
             k=k, v=v, lengths=cache.lengths.at[slot_ids].set(start + num_tokens, mode="drop")
         )
+        return _arm_slots(state.replace(cache=cache), slot_ids, next_token, sampling)
 
-        def put(x, value):
-            return x.at[slot_ids].set(value, mode="drop")
+    def _copy_impl(
+        self,
+        state: EngineState,
+        donors,
+        slot_ids,
+        offset,
+        num_tokens,
+        lengths,
+        next_token,
+        sampling,
+    ) -> EngineState:
+        """Copies cache entries [offset, offset + num_tokens) of slots `donors` [C] to slots
+        `slot_ids` [C], sets their lengths to `lengths` [C] and arms them.
 
-        return EngineState(
-            cache=cache,
-            next_token=put(state.next_token, next_token),
-            active=put(state.active, True),
-            finish_reason=put(state.finish_reason, _NOT_FINISHED),
-            num_generated=put(state.num_generated, 0),
-            gen_tokens=state.gen_tokens,
-            gen_logprobs=state.gen_logprobs,
-            sampling=jax.tree.map(put, state.sampling, sampling),
+        A shared prefix is prefilled once, into the donor, and copied into every slot that starts
+        with it: moving a chunk's keys and values costs a small fraction of computing them. One
+        prefill chunk of positions per call keeps the shapes fixed and the temporaries small.
+        """
+        cache = state.cache
+        idx = offset + jnp.arange(self.prefill_chunk)  # [W]
+        valid = jnp.arange(self.prefill_chunk)[None, :] < num_tokens[:, None]  # [C, W]
+        src = (slice(None), donors[:, None], idx[None, :])
+        dst = (slice(None), slot_ids[:, None], jnp.where(valid, idx[None, :], self.max_len))
+
+        def copy(x):  # [L, B, S, K, H]
+            return x.at[dst].set(x.at[src].get(mode="fill", fill_value=0), mode="drop")
+
+        cache = model_lib.KVCache(
+            k=copy(cache.k),
+            v=copy(cache.v),
+            lengths=cache.lengths.at[slot_ids].set(lengths, mode="drop"),
         )
+        return _arm_slots(state.replace(cache=cache), slot_ids, next_token, sampling)
 
     def _decode_impl(self, params, state: EngineState, rows, allowed, max_steps) -> EngineState:
         """Decodes the active slots among `rows` up to `max_steps` steps.
@@ -803,6 +1014,30 @@ class Engine:
 
         _, state = jax.lax.while_loop(keep_going, one_step, (jnp.int32(0), state))
         return state
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _arm_slots(state: EngineState, slot_ids, next_token, sampling: SlotSampling) -> EngineState:
+    """`state` with slots `slot_ids` set to decode from `next_token` with `sampling`; ids past
+    the last slot (padding) change nothing."""
+
+    def put(x, value):
+        return x.at[slot_ids].set(value, mode="drop")
+
+    return state.replace(
+        next_token=put(state.next_token, next_token),
+        active=put(state.active, True),
+        finish_reason=put(state.finish_reason, _NOT_FINISHED),
+        num_generated=put(state.num_generated, 0),
+        sampling=jax.tree.map(put, state.sampling, sampling),
+    )
 
 
 def _take_rows(state: EngineState, rows) -> EngineState:

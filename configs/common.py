@@ -296,6 +296,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft = ml_collections.ConfigDict()
     c.sft.enabled = False  # cold-start SFT on the training set's reference solutions first
     c.sft.num_demos = 512  # training examples whose reference solutions are played
+    c.sft.levels = ()  # demonstrations only from these levels (() = every level data.levels keeps)
     c.sft.num_steps = 200
     c.sft.batch_size = 16
     c.sft.lr = 1e-3
@@ -319,6 +320,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.manual_dir = ""
     c.data.levels = ()  # levels to keep, e.g. (1, 2); () = all
     c.data.num_train = 0  # GRPO's questions: the first N training examples (0 = the whole split)
+    # GRPO's questions only from these levels (() = every level data.levels keeps); SFT
+    # demonstrations and evaluation are not filtered by it.
+    c.data.grpo_levels = ()
     c.data.num_eval = 64  # eval examples (0 = the whole split)
     # Training or evaluation may read another dataset than data.name (e.g. train on a QA set,
     # evaluate on GAIA); the overrides take the same values as the data.* keys they replace.

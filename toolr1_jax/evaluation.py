@@ -139,7 +139,8 @@ def compute_metrics(
     With `answers_hidden` the scoring metrics (accuracy, pass@k) are left out: only the agent
     statistics and counts remain.
 
-    Keys: `accuracy` (share of episodes the GAIA scorer accepts), `accuracy/level_L`, `pass@k`
+    Keys: `accuracy` (share of episodes the GAIA scorer accepts), `accuracy/level_L`,
+    `accuracy/family_F` (tasks with a `metadata["family"]`, as the synthetic suite's), `pass@k`
     and `pass@k/level_L` for k = 1..num_samples (the unbiased estimator, averaged over
     questions), `answer_rate`, `avg_turns`, `avg_tokens`, `avg_sampled_tokens`, `tool_call_rate`
     (share of episodes whose code called a tool at least once), `tool_calls_per_episode`,
@@ -174,6 +175,15 @@ def compute_metrics(
         if not answers_hidden:
             m[f"accuracy/level_{level}"] = _rate(sum(r.correct for r in rs), len(rs))
         m[f"num_questions/level_{level}"] = len(rs) // num_samples
+    # Task families (the synthetic suite's metadata["family"]): which kinds of task a change helps.
+    families = sorted(
+        {f for rs in by_question.values() if (f := rs[0].example.metadata.get("family"))}
+    )
+    for family in families:
+        rs = [r for r in records if r.example.metadata.get("family") == family]
+        if not answers_hidden:
+            m[f"accuracy/family_{family}"] = _rate(sum(r.correct for r in rs), len(rs))
+        m[f"num_questions/family_{family}"] = len(rs) // num_samples
     if not answers_hidden:
         m["accuracy"] = _rate(sum(r.correct for r in records), n)
     for k in range(1, 1 if answers_hidden else num_samples + 1):
@@ -743,36 +753,65 @@ def render_report(result: EvalResult, run_info: Mapping[str, Any] | None = None)
     )
 
 
-def summarize_accuracy(workdir: pathlib.Path) -> dict[str, float]:
-    """Eval accuracy before training, after SFT (step 0) and at the last eval, from a training
-    run's `metrics.jsonl`; draws `accuracy.png` (eval accuracy against step) beside it."""
-    points, summary = {}, {}
+def summarize_accuracy(
+    workdir: pathlib.Path, metric: str = "accuracy", *, plot: bool = True
+) -> dict[str, float]:
+    """Eval `metric` (a key under `eval/`) before training, after SFT (step 0) and at the last
+    eval, from a training run's `metrics.jsonl`; with `plot`, draws `accuracy.png` beside it: the
+    metric and each level's accuracy against GRPO step and against fresh episodes drawn (replays
+    not counted, so runs with and without the sample queue compare on the sampling they paid
+    for)."""
+    rows: dict[int, dict[str, float]] = collections.defaultdict(dict)
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         d = json.loads(line)
-        if "eval_init/accuracy" in d:
-            summary["untrained"] = d["eval_init/accuracy"]
-        if "eval/accuracy" in d:
-            points[d["step"]] = d["eval/accuracy"]
-    if not points:
+        rows[d.pop("step")].update(d)
+    summary: dict[str, float] = {}
+    init = next((r for _, r in sorted(rows.items()) if f"eval_init/{metric}" in r), None)
+    if init is not None:
+        summary["untrained"] = init[f"eval_init/{metric}"]
+    evals = {step: r for step, r in sorted(rows.items()) if f"eval/{metric}" in r}
+    if not evals:
         return summary
-    if 0 in points:
-        summary["start"] = points[0]
-    summary["final"] = points[max(points)]
+    if 0 in evals:
+        summary["start"] = evals[0][f"eval/{metric}"]
+    summary["final"] = evals[max(evals)][f"eval/{metric}"]
+    if not plot:
+        return summary
 
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    steps = sorted(points)
-    ax.plot(steps, [points[k] for k in steps], marker="o", label="policy (step 0 = after SFT)")
-    if "untrained" in summary:
-        ax.axhline(summary["untrained"], color="gray", linestyle="--", label="untrained")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="best")
+    fresh, fresh_at = 0.0, {}
+    for step, r in sorted(rows.items()):
+        fresh = r.get("samples/fresh_total", fresh)  # step 0 (after SFT) has drawn nothing
+        fresh_at[step] = fresh
+    levels = sorted(
+        {
+            k.rsplit("_", 1)[1]
+            for r in evals.values()
+            for k in r
+            if k.startswith("eval/accuracy/level_")
+        }
+    )
+    curves = [(f"eval/{metric}", metric.replace("accuracy/", "") if "/" in metric else "all")]
+    curves += [(f"eval/accuracy/level_{lv}", f"level {lv}") for lv in levels]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    steps = sorted(evals)
+    for ax, xs, xlabel in (
+        (axes[0], steps, "GRPO step (0 = after SFT)"),
+        (axes[1], [fresh_at[s] for s in steps], "fresh episodes drawn"),
+    ):
+        for i, (key, label) in enumerate(curves):
+            ys = [evals[s].get(key, float("nan")) for s in steps]
+            ax.plot(xs, ys, marker="o", lw=2.5 if i == 0 else 1, label=label)
+        if "untrained" in summary:
+            ax.axhline(summary["untrained"], color="gray", linestyle="--", label="untrained")
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("held-out accuracy (greedy)")
+    axes[1].legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(workdir / "accuracy.png", dpi=100)
     plt.close(fig)

@@ -211,7 +211,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
     # GRPO's questions: the first data.num_train training examples (all when 0). A small pool is
     # revisited, which is where the queue's replay and learnability ordering act. SFT
     # demonstrations and the tokenizer draw on the whole split.
-    questions = train_examples[: config.data.num_train or None]
+    grpo_levels = set(config.data.grpo_levels)
+    questions = [e for e in train_examples if not grpo_levels or e.level in grpo_levels]
+    if not questions:
+        raise build.ConfigError(f"data.grpo_levels={config.data.grpo_levels}: no such question.")
+    questions = questions[: config.data.num_train or None]
     tools = build.tools(config)
 
     # Resume order (the first that exists wins; a later source is not read at all):
@@ -411,9 +415,13 @@ async def _cold_start(parts: _Parts, state: _State) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if config.log.eval_every_steps:
         await _evaluate(parts, 0, "eval_init")
+    # Demonstrations may come from other levels than GRPO's questions (e.g. level 1 only, to
+    # teach the turn format without handing GRPO's harder tasks their solutions).
+    sft_levels = set(config.sft.levels)
+    demos = [e for e in parts.train_examples if not sft_levels or e.level in sft_levels]
     # `state.params` is donated to the SFT steps; only the result is kept.
     state.params, sft_metrics = await sft.cold_start(
-        parts.train_examples,
+        demos,
         build.sft_config(config),
         tokenizer=parts.tokenizer,
         pool=parts.pool,
@@ -668,6 +676,12 @@ async def _evaluate(parts: _Parts, at_step: int, prefix: str) -> dict[str, float
         )
         result = evaluation.merge_shards(sharding.allgather_objects(result))
     eval_metrics = {f"{prefix}/{k}": v for k, v in result.metrics.items()}
+    if config.data.grpo_levels and not evaluation.answers_hidden(parts.eval_examples):
+        # The levels GRPO trains on, together: the demo's headline number.
+        rs = [r for r in result.records if r.example.level in set(config.data.grpo_levels)]
+        eval_metrics[f"{prefix}/accuracy/grpo_levels"] = sum(r.correct for r in rs) / max(
+            len(rs), 1
+        )
     parts.writer.write(at_step, eval_metrics)
     if parts.is_main:
         evaluation.write_outputs(result, str(parts.workdir / prefix / f"step_{at_step}"))
@@ -692,10 +706,22 @@ def _export(parts: _Parts, state: _State) -> None:
             parts.tokenizer.hf.save_pretrained(str(export_dir))
             log.info("Exported the policy to %s.", export_dir)
     if parts.is_main:
-        summary = evaluation.summarize_accuracy(workdir)
+        levels = tuple(parts.config.data.grpo_levels)
+        summary = evaluation.summarize_accuracy(
+            workdir, "accuracy/grpo_levels" if levels else "accuracy"
+        )
         if summary:
             text = ", ".join(f"{k} {v:.3f}" for k, v in summary.items())
-            print(f"Held-out accuracy: {text} (plot: {workdir / 'accuracy.png'})", flush=True)
+            where = f" on levels {', '.join(map(str, levels))}" if levels else ""
+            print(f"Held-out accuracy: {text}{where} (plot: {workdir / 'accuracy.png'})")
+            if levels:  # and every other level, which training must not lose
+                for level in sorted({e.level for e in parts.eval_examples} - set(levels)):
+                    other = evaluation.summarize_accuracy(
+                        workdir, f"accuracy/level_{level}", plot=False
+                    )
+                    text = ", ".join(f"{k} {v:.3f}" for k, v in other.items())
+                    print(f"Held-out accuracy on level {level}: {text}")
+            sys.stdout.flush()
 
 
 class _CompileCounter:

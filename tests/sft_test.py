@@ -166,13 +166,17 @@ def test_demonstrations_are_the_chat_template_conversation_with_real_observation
 
 
 def test_demonstration_turns_end_where_the_engine_stops(suite):
-    stops = rollout.stop_token_sequences(suite.tokenizer, AGENT.stop_strings, 4)
+    # The engine ends a turn at the first token whose text completes a stop string.
+    def stops(ids):
+        return any(s in suite.tokenizer.decode(ids) for s in AGENT.stop_strings)
+
     for demo in suite.train_demos + suite.multi_demos:
-        ends = np.flatnonzero(np.diff(np.concatenate([demo.loss_mask, [0]])) == -1) + 1
+        edges = np.diff(np.concatenate([[0], demo.loss_mask, [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         assert len(ends) == len(demo.turns)
-        for end in ends:
-            tail = tuple(demo.tokens[:end].tolist())
-            assert any(tail[-len(s) :] == s for s in stops), suite.tokenizer.decode(tail[-8:])
+        for start, end in zip(starts, ends, strict=True):
+            turn = demo.tokens[start:end].tolist()
+            assert stops(turn) and not stops(turn[:-1]), suite.tokenizer.decode(turn[-8:])
 
 
 def test_demonstrations_skip_solutions_that_fail_or_do_not_fit(suite):
@@ -383,13 +387,14 @@ def test_sft_fits_level1_demonstrations_and_the_engine_then_writes_the_format(su
 
     # Greedy decoding through the engine writes the demonstrations' first turn: the thought of
     # the task's family, then the code block opening.
-    engine = engine_lib.Engine(nnx.merge(graphdef, state), num_slots=3, max_len=max_len)
-    stops = rollout.stop_token_sequences(tok, AGENT.stop_strings, engine.max_stop_sequences)
+    engine = engine_lib.Engine(
+        nnx.merge(graphdef, state), num_slots=3, max_len=max_len, detokenize=tok.decode
+    )
     picks = [
         next(d for d, e in zip(demos, suite.train, strict=True) if e.metadata["family"] == f)
         for f in TRAIN_FAMILIES
     ]
-    sampling = engine_lib.SamplingParams(max_new_tokens=32, stop_sequences=stops)
+    sampling = engine_lib.SamplingParams(max_new_tokens=32, stop_strings=AGENT.stop_strings)
     outputs = engine.generate([d.tokens[: d.prompt_len].tolist() for d in picks], sampling)
     for demo, out in zip(picks, outputs, strict=True):
         turn = demo.tokens[demo.prompt_len :].tolist()

@@ -155,34 +155,6 @@ class RolloutStats:
         return cls(**merged)
 
 
-def stop_token_sequences(tokenizer, stop_strings: Sequence[str], limit: int) -> tuple:
-    """Token sequences that end a turn at each stop string, at most `limit` of them.
-
-    BPE splits a string differently by context ("</code>" vs "</code>\\n" may end in ">" or ">\\n"),
-    and the engine matches token ids, so each string gets its usual spellings: alone, followed
-    by newlines, and preceded by a newline or a space. The shortest token tail that contains the
-    string is kept. The canonical spellings come first when the engine's limit cuts the list.
-    """
-    canonical, variants = [], []
-    for s in stop_strings:
-        canonical.append(tuple(tokenizer.encode(s)))
-        for text in (s + "\n", s + "\n\n", "\n" + s, " " + s, "\n" + s + "\n"):
-            ids = list(tokenizer.encode(text))
-            # Shortest prefix whose text contains s, then the shortest tail of that.
-            ends = [k for k in range(1, len(ids) + 1) if s in tokenizer.decode(ids[:k])]
-            if not ends:  # a normalising tokenizer changed the string: no such spelling
-                continue
-            ids = ids[: ends[0]]
-            start = max(j for j in range(len(ids)) if s in tokenizer.decode(ids[j:]))
-            variants.append(tuple(ids[start:]))
-    seen, out = set(), []
-    for seq in canonical + variants:
-        if seq and seq not in seen:
-            seen.add(seq)
-            out.append(seq)
-    return tuple(out[:limit])
-
-
 def _episode_seed(base: int, group_id: int, index: int) -> int:
     # Episodes of one group share a prompt; distinct seeds make them distinct samples.
     return int(np.random.SeedSequence([base, group_id & 0xFFFFFFFF, index]).generate_state(1)[0])
@@ -239,9 +211,11 @@ async def rollout(
       tokenizer: `models.tokenizer.Tokenizer` (chat template, turn deltas).
       pool: a started `SandboxPool`; its tools and authorized imports are what the prompt shows.
       config: `AgentConfig`.
-      sampling: temperature, top-p, top-k and base seed; each episode gets its own seed, and
-        `max_new_tokens` and stop sequences are set per turn (`stop_token_ids` are kept, with the
-        tokenizer's end-of-turn ids added).
+      sampling: temperature, top-p, top-k and base seed; each episode gets its own seed,
+        `max_new_tokens` is set per turn, and the stop strings are `config.stop_strings`, matched
+        on text by the engine (`stop_token_ids` are kept, with the tokenizer's end-of-turn ids
+        added). An engine built without `detokenize` gets the tokenizer's `decode`, the one
+        that turns are parsed with.
       policy_version: stored in every trajectory (the queue's staleness checks use it).
       on_group: called on the event loop with each complete `Group`. If it returns an awaitable,
         that runs as a task (rewards can be judged while other groups still decode) and is
@@ -281,9 +255,12 @@ class _Rollout:
         )
         stop_ids = tuple(dict.fromkeys((*sampling.stop_token_ids, *tokenizer.eos_token_ids)))
         self.end_of_turn_ids = frozenset(tokenizer.eos_token_ids)
-        stop_seqs = stop_token_sequences(tokenizer, config.stop_strings, engine.max_stop_sequences)
+        # Stop strings are matched on the text the turn is parsed from, however the model
+        # happened to tokenize them, and any number of them fit.
+        if engine.detokenize is None:
+            engine.detokenize = tokenizer.decode
         self.base_sampling = dataclasses.replace(
-            sampling, stop_token_ids=stop_ids, stop_sequences=stop_seqs
+            sampling, stop_token_ids=stop_ids, stop_strings=config.stop_strings
         )
         self.by_slot: dict[int, _Episode] = {}  # the episode holding each engine slot
         self.releases: list[int] = []

@@ -153,6 +153,16 @@ def test_length_limit_and_stop_strings(client, bigram):
     stopped = _ask(client, max_tokens=32, stop=[":", "zzz"])
     assert stopped.choices[0].message.content == "Score"
     assert stopped.choices[0].finish_reason == "stop"
+    # More stop strings than OpenAI's four, one spanning two tokens: generation ends at the
+    # token that completes it (counted in the usage), not at <|im_end|>.
+    stops = [f"never {i}" for i in range(8)] + ["re: "]
+    stopped = _ask(client, max_tokens=32, stop=stops)
+    assert stopped.choices[0].message.content == "Sco"
+    assert stopped.choices[0].finish_reason == "stop"
+    reply_ids = bigram[2]
+    kept = next(k for k in range(1, len(reply_ids) + 1) if "re: " in tok.decode(reply_ids[:k]))
+    assert kept < len(reply_ids)
+    assert stopped.usage.completion_tokens == kept
 
 
 def test_logprobs(client, bigram):

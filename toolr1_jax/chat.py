@@ -81,6 +81,9 @@ class ChatModel:
         self.name = name
         self.max_len = int(max_len)
         self.stop_token_ids = tuple(sorted(set(int(i) for i in stop_token_ids)))
+        # Request stop strings are matched by the engine on the answer's text.
+        if engine.detokenize is None:
+            engine.detokenize = self.decode
         self._engine_lock = threading.Lock()
         self.reset_loop()
 
@@ -162,7 +165,7 @@ class ChatModel:
             top_p=request.top_p,
             top_k=request.top_k,
             stop_token_ids=self.stop_token_ids,
-            stop_sequences=self._stop_sequences(request.stop),
+            stop_strings=request.stop,
             seed=seed,
         )
         loop = asyncio.get_running_loop()
@@ -175,20 +178,6 @@ class ChatModel:
             self._worker = loop.create_task(self._drain())
         completion = await future
         return self._result(prompt, completion, request)
-
-    def _stop_sequences(self, stop: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-        """Stop strings as token sequences, so the engine can stop early.
-
-        Only an optimisation: a string can tokenize differently inside the generated text, so
-        `_result` cuts at the first stop string either way. Skipped when the engine's stop tables
-        are too small for these strings.
-        """
-        seqs = tuple(tuple(self.tokenizer.encode(s)) for s in stop)
-        if len(seqs) > self.engine.max_stop_sequences or any(
-            not s or len(s) > self.engine.max_stop_len for s in seqs
-        ):
-            return ()
-        return seqs
 
     async def _drain(self) -> None:
         while self._pending:
@@ -222,6 +211,7 @@ class ChatModel:
         if finish_reason == "stop" and tokens and tokens[-1] in self.stop_token_ids:
             tokens, logprobs = tokens[:-1], logprobs[:-1]
         text = self.decode(tokens)
+        # The engine kept the token that completed a stop string; the answer ends before it.
         if request.stop:
             cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
             if cut >= 0:

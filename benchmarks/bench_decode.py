@@ -1,13 +1,19 @@
 """Decode throughput: the engine vs transformers' `generate` on the same weights, side by side.
 
-A tiny random Qwen2-style model is built with transformers, saved, and loaded into the JAX
-`Transformer` with `load_pretrained`; both generate greedily from the same prompts and must emit
-identical tokens. Prints tokens/s of each, the ratio, and the fraction of the memory-bandwidth
-roofline the engine's decode loop reaches (bandwidth measured on this machine).
+A random Llama-style model of SmolLM2-135M's size (tied embeddings; `--preset=tiny` for the small
+one) is built with transformers, saved, and loaded into the JAX `Transformer` with
+`load_pretrained`; both generate greedily from the same prompts and must emit identical tokens.
+For each batch size: tokens/s of both end to end (prefill included), the engine's decode loop
+alone, and its utilisation against limits measured in this process: bytes/s over the measured
+memory bandwidth, and model FLOP/s over the measured matmul throughput at the decode's M (the
+batch). With `--compare_max_len`, the decode loop also runs on a second engine whose cache has
+that many positions, interleaved with the first, and the ratio of the two step times is printed
+(decode attends only over the cache prefix the live rows need, so it should be near 1).
 
-  python benchmarks/bench_decode.py                  # batch 16, prompt 64, 128 new tokens
-  python benchmarks/bench_decode.py --hidden=512 --layers=8
-  python benchmarks/bench_decode.py --batch=8 --max_len=2048   # long cache, few tokens
+  python benchmarks/bench_decode.py                         # B16, prompt 256, 128 new tokens
+  python benchmarks/bench_decode.py --batch=16,32
+  python benchmarks/bench_decode.py --max_len=4096 --compare_max_len=512 --skip_hf
+  python benchmarks/bench_decode.py --preset=tiny
 """
 
 import argparse
@@ -15,6 +21,7 @@ import os
 import tempfile
 import time
 
+import common  # benchmarks/common.py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,34 +34,36 @@ from toolr1_jax.models import params as params_lib
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt_tokens", type=int, default=64)
+    common.add_model_args(p)
+    p.add_argument("--batch", default="16", help="comma-separated batch sizes, e.g. 16,32")
+    p.add_argument("--prompt_tokens", type=int, default=256)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument(
         "--max_len", type=int, default=0, help="engine cache length (0: prompt + new tokens)"
     )
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument(
+        "--compare_max_len", type=int, default=0, help="also time decode with this cache length"
+    )
+    p.add_argument("--skip_hf", action="store_true", help="engine only (no transformers run)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
-    return p.parse_args()
+    return common.resolve_model_args(p.parse_args())
 
 
 def build_models(args, workdir):
-    config = transformers.Qwen2Config(
+    config = transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.max_len, args.prompt_tokens + args.new_tokens),
+        head_dim=args.hidden // args.heads,
+        max_position_embeddings=max(
+            args.max_len, args.compare_max_len, args.prompt_tokens + args.new_tokens
+        ),
         # Peaked logits, so float differences between the two frameworks never flip an argmax.
         initializer_range=0.2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=args.tied,
         eos_token_id=None,
         bos_token_id=None,
         pad_token_id=0,
@@ -75,106 +84,139 @@ def best_of(repeats, fn):
     return min(times), result
 
 
-def measure_bandwidth_bytes_per_s() -> float:
-    """Sustained read bandwidth of a jitted reduction over 256 MiB (what decode mostly does)."""
-    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    seconds, _ = best_of(5, lambda: total(x).block_until_ready())
-    return x.nbytes / seconds
+def hf_generate(hf, prompts, max_new):
+    b, p = len(prompts), len(prompts[0])
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.ones(b, p, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+        )
+    return out[:, p:].numpy()
 
 
-def main():
-    args = parse_args()
-    b, p, n = args.batch, args.prompt_tokens, args.new_tokens
-    print(
-        f"machine: {os.cpu_count()} CPUs; jax {jax.__version__} on {jax.devices()[0].platform}; "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
-    )
-    with tempfile.TemporaryDirectory() as workdir:
-        hf, model = build_models(args, workdir)
-    prompts = np.random.default_rng(0).integers(1, args.vocab, size=(b, p)).tolist()
+def decode_seconds(engine, prompts, sampling, n):
+    """Seconds of n - 1 decode steps of every prompt at once (prefill and first step excluded)."""
+    slots = [engine.add(prompt, sampling) for prompt in prompts]
+    engine.step(1)
+    t0 = time.perf_counter()
+    outs = engine.step(n - 1)
+    seconds = time.perf_counter() - t0
+    assert len(outs) == len(prompts)
+    for slot in slots:
+        engine.release(slot)
+    return seconds
 
-    # transformers: one short warm-up run, then the timed runs.
-    def hf_generate(max_new):
-        with torch.no_grad():
-            out = hf.generate(
-                torch.tensor(prompts),
-                attention_mask=torch.ones(b, p, dtype=torch.long),
-                do_sample=False,
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-            )
-        return out[:, p:].numpy()
 
-    hf_generate(4)
-    hf_s, hf_tokens = best_of(args.repeats, lambda: hf_generate(n))
-
-    # Engine: a warm-up call compiles prefill and decode; timed calls run no compilation.
-    engine = engine_lib.Engine(model, num_slots=b, max_len=max(args.max_len, p + n))
+def run_batch(args, hf, model, b, bandwidth):
+    p, n = args.prompt_tokens, args.new_tokens
+    prompts = np.random.default_rng(b).integers(1, args.vocab, size=(b, p)).tolist()
+    max_len = max(args.max_len, p + n)
+    engine = engine_lib.Engine(model, num_slots=b, max_len=max_len)
+    engine.warmup()
+    compilations = engine.num_compilations
+    other = None
+    if args.compare_max_len:
+        other = engine_lib.Engine(model, num_slots=b, max_len=max(args.compare_max_len, p + n))
+        other.warmup()
     sampling = engine_lib.SamplingParams(max_new_tokens=n)
 
     def engine_generate():
         completions = engine.generate(prompts, sampling, chunk_steps=n)
         return np.stack([c.tokens for c in completions])
 
-    engine_generate()
-    compilations = engine.num_compilations
-    engine_s, engine_tokens = best_of(args.repeats, engine_generate)
-
-    # Decode loop alone (prefill and the first step excluded), for the roofline.
-    def decode_only():
-        slots = [engine.add(prompt, sampling) for prompt in prompts]
-        engine.step(1)
+    # Engine and transformers alternate, so load from other processes skews neither.
+    engine_times, hf_times = [], []
+    engine_tokens = hf_tokens = None
+    if not args.skip_hf:
+        hf_generate(hf, prompts[:2], 4)  # warm-up
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
-        outs = engine.step(n - 1)
-        seconds = time.perf_counter() - t0
-        assert len(outs) == b
-        for slot in slots:
-            engine.release(slot)
-        return seconds
-
-    decode_s = min(decode_only() for _ in range(args.repeats))
+        engine_tokens = engine_generate()
+        engine_times.append(time.perf_counter() - t0)
+        if not args.skip_hf:
+            t0 = time.perf_counter()
+            hf_tokens = hf_generate(hf, prompts, n)
+            hf_times.append(time.perf_counter() - t0)
+    decode_times, other_times = [], []
+    for _ in range(args.repeats):
+        decode_times.append(decode_seconds(engine, prompts, sampling, n))
+        if other is not None:
+            other_times.append(decode_seconds(other, prompts, sampling, n))
     assert engine.num_compilations == compilations, "the timed runs recompiled"
 
-    identical = np.array_equal(hf_tokens, engine_tokens)
-    if not identical:
-        raise SystemExit("engine and transformers greedy tokens differ; timings are not comparable")
-
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
-    cfg = engine.config
-    # K and V of one token in every layer.
-    slot_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
-    # Ideal traffic per step: every weight once plus the valid part of every slot's cache.
-    mean_len = p + n / 2
-    ideal_bytes = param_bytes + b * mean_len * slot_bytes_per_token
-    # What this engine reads: the whole cache, since attention runs over all max_len positions.
-    actual_bytes = param_bytes + b * engine.max_len * slot_bytes_per_token
-    bandwidth = measure_bandwidth_bytes_per_s()
-    step_s = decode_s / (n - 1)
-
     total = b * n
+    step_s = min(decode_times) / (n - 1)
+    # The program each timed decode chunk ran (what `step` picks): reads of the cache prefix.
+    kv_len = next(x for x in engine.decode_lens if x >= min(p + n - 1, engine.max_len))
+    cfg = engine.config
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
+    token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, all layers
+    # Ideal traffic per step: every weight once plus the valid part of every row's cache.
+    ideal_bytes = param_bytes + b * (p + n / 2) * token_bytes
+    read_bytes = param_bytes + b * kv_len * token_bytes
+    step_flops = common.matmul_flops(args, b)
+    matmul_peak = common.matmul_flops_per_s(b, args.hidden, args.intermediate)
+
+    print(f"--- batch {b}: prompt {p}, {n} new tokens, cache {engine.max_len} positions ---")
+    print(f"engine compilations: {compilations} (decode programs for {engine.decode_lens})")
+    engine_s = min(engine_times)
+    print(f"engine generate:       {engine_s:8.3f} s  {total / engine_s:9.1f} tokens/s")
+    if not args.skip_hf:
+        identical = np.array_equal(hf_tokens, engine_tokens)
+        hf_s = min(hf_times)
+        print(f"transformers generate: {hf_s:8.3f} s  {total / hf_s:9.1f} tokens/s")
+        print(f"identical greedy tokens: {identical}")
+        if not identical:
+            raise SystemExit("engine and transformers greedy tokens differ; timings not comparable")
     print(
-        f"model: {param_bytes / 2**20:.1f} MiB float32 params, vocab {args.vocab}, "
-        f"D={args.hidden}, L={args.layers}; batch {b}, prompt {p}, {n} new tokens, "
-        f"max_len {engine.max_len}"
+        f"engine decode loop:    {step_s * 1e3:8.2f} ms/step  {b / step_s:9.1f} tokens/s "
+        f"(attends over {kv_len} positions)"
     )
-    print(f"identical greedy tokens: {identical}; engine compilations: {compilations}")
-    print(f"transformers generate: {hf_s:8.3f} s  {total / hf_s:10.1f} tokens/s")
-    print(f"engine generate:       {engine_s:8.3f} s  {total / engine_s:10.1f} tokens/s")
     print(
-        f"engine decode loop:    {decode_s:8.3f} s  {b * (n - 1) / decode_s:10.1f} tokens/s "
-        f"({step_s * 1e3:.2f} ms/step)"
+        f"bytes/step: ideal {ideal_bytes / 2**20:.0f} MiB, read {read_bytes / 2**20:.0f} MiB; "
+        f"model FLOPs/step {step_flops / 1e9:.2f} G; matmul [{b}x{args.hidden}]x"
+        f"[{args.hidden}x{args.intermediate}] {matmul_peak / 1e9:.0f} GFLOP/s"
     )
+    ratios = {}
+    if not args.skip_hf:
+        ratios["engine / transformers tokens/s (end to end)"] = hf_s / engine_s
+    ratios["decode bandwidth use (ideal bytes / s / measured)"] = ideal_bytes / step_s / bandwidth
+    ratios["decode bandwidth use (bytes read / s / measured)"] = read_bytes / step_s / bandwidth
+    ratios[f"decode compute use (FLOP/s / matmul FLOP/s at M={b})"] = (
+        step_flops / step_s / matmul_peak
+    )
+    if other is not None:
+        other_step_s = min(other_times) / (n - 1)
+        print(
+            f"decode loop with a {other.max_len}-position cache: {other_step_s * 1e3:.2f} ms/step"
+        )
+        ratios[f"decode step, cache {engine.max_len} / cache {other.max_len}"] = (
+            step_s / other_step_s
+        )
+    return ratios
+
+
+def main():
+    args = parse_args()
+    batches = [int(x) for x in args.batch.split(",")]
+    print(
+        f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; jax {jax.__version__} "
+        f"on {jax.devices()[0].platform}; torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(common.describe(args))
+    with tempfile.TemporaryDirectory() as workdir:
+        hf, model = build_models(args, workdir)
+    bandwidth = common.bandwidth_bytes_per_s()
     print(f"measured memory bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    print(
-        f"bytes/step: ideal {ideal_bytes / 2**20:.1f} MiB, "
-        f"engine reads {actual_bytes / 2**20:.1f} MiB"
-    )
-    print("--- ratios ---")
-    print(f"engine / transformers tokens/s: {hf_s / engine_s:.2f}x")
-    print(f"roofline fraction (ideal bytes):  {ideal_bytes / step_s / bandwidth:.3f}")
-    print(f"roofline fraction (bytes read):   {actual_bytes / step_s / bandwidth:.3f}")
+    results = {b: run_batch(args, hf, model, b, bandwidth) for b in batches}
+    print(f"--- ratios (load {os.getloadavg()[0]:.1f}) ---")
+    for b, ratios in results.items():
+        for name, value in ratios.items():
+            print(f"B{b} {name}: {value:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,19 @@
 Each of `--episodes` episodes runs 8 turns; a turn appends 64 observation tokens (none on turn
 1, which prefills the prompt) and generates 64 tokens greedily. With continuation a turn costs
 the same however long the history is; re-prefilling pays for the whole history every turn.
-Prints per-turn times of both and, last, time(turn 8) / time(turn 1) for each.
+Prints per-turn times of both, each mode's model FLOP/s over the matmul throughput measured in
+this process (at M = the episodes, decode's batch), and, last, time(turn 8) / time(turn 1) for
+each. Default size: SmolLM2-135M's dimensions (random weights); `--preset=tiny` for a small model.
 
   python benchmarks/bench_multiturn.py
-  python benchmarks/bench_multiturn.py --episodes=16 --hidden=512
+  python benchmarks/bench_multiturn.py --preset=tiny --episodes=16
 """
 
 import argparse
+import os
 import time
 
+import common  # benchmarks/common.py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,19 +27,14 @@ from toolr1_jax.models import model as model_lib
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_model_args(p)
     p.add_argument("--episodes", type=int, default=8, help="episodes run side by side (slots)")
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--observation_tokens", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
-    return p.parse_args()
+    return common.resolve_model_args(p.parse_args())
 
 
 def run_episodes(engine, prompts, observations, sampling, continuation: bool):
@@ -69,7 +68,7 @@ def run_episodes(engine, prompts, observations, sampling, continuation: bool):
 def main():
     args = parse_args()
     config = model_lib.ModelConfig(
-        model_type="qwen2",
+        model_type="llama",
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -77,12 +76,13 @@ def main():
         num_heads=args.heads,
         num_kv_heads=args.kv_heads,
         head_dim=args.hidden // args.heads,
-        qkv_bias=True,
+        tie_word_embeddings=args.tied,
     )
     model = model_lib.Transformer(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
     per_turn = args.observation_tokens + args.new_tokens
     max_len = args.prompt_tokens + args.turns * per_turn
     engine = engine_lib.Engine(model, num_slots=args.episodes, max_len=max_len)
+    engine.warmup()
     sampling = engine_lib.SamplingParams(max_new_tokens=args.new_tokens)
 
     rng = np.random.default_rng(0)
@@ -106,6 +106,7 @@ def main():
     results = {name: (np.min([r[0] for r in rs], axis=0), rs[0][1]) for name, rs in runs.items()}
 
     same = results["continuation"][1] == results["re-prefill"][1]
+    print(f"{common.describe(args)}; load {os.getloadavg()[0]:.1f}")
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}; {args.episodes} episodes x "
         f"{args.turns} turns, prompt {args.prompt_tokens}, +{args.observation_tokens} observation "
@@ -115,6 +116,21 @@ def main():
     print("turn  " + "".join(f"{k:>8}" for k in range(1, args.turns + 1)) + "   (seconds)")
     for name, (turn_s, _) in results.items():
         print(f"{name:<12}" + "".join(f"{s:8.3f}" for s in turn_s))
+    # Tokens each mode runs through the model: continuation writes each turn's new tokens once;
+    # re-prefill writes the whole history again every turn.
+    e, prompt, per_turn_tokens = args.episodes, args.prompt_tokens, per_turn
+    history = [prompt + k * per_turn_tokens for k in range(args.turns)]
+    tokens = {
+        "continuation": e * (prompt + args.turns * per_turn_tokens - args.observation_tokens),
+        "re-prefill": e * (sum(history) + args.turns * args.new_tokens),
+    }
+    peak = common.matmul_flops_per_s(e, args.hidden, args.intermediate)
+    print(
+        f"matmul [{e}x{args.hidden}]x[{args.hidden}x{args.intermediate}]: {peak / 1e9:.0f} GFLOP/s"
+    )
+    for name, (turn_s, _) in results.items():
+        flops = common.matmul_flops(args, tokens[name]) / sum(turn_s)
+        print(f"{name:<12} {flops / 1e9:.1f} model GFLOP/s = {flops / peak:.2f} of the matmul rate")
     print(f"--- ratios: time(turn {args.turns}) / time(turn 1) ---")
     for name, (turn_s, _) in results.items():
         print(f"{name:<12} {turn_s[-1] / turn_s[0]:.2f}")

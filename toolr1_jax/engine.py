@@ -15,11 +15,13 @@ feeds the pending token and samples the next one; prefill writes a prompt minus 
 and an append writes the pending token plus the observation minus its last token. So positions
 are always `cache length`, and every sampling step goes through the one decode program.
 
-The engine compiles exactly four programs (three when there is one row), whatever the prompts:
-prefill of one fixed-length chunk for one slot, the same for `decode_rows` slots at once, a copy
-of one chunk of cache positions between slots, and decode.
-Longer writes run chunk after chunk, each attending to what earlier chunks wrote. `warmup`
-compiles all of them up front.
+The engine compiles a fixed set of programs, whatever the prompts: prefill of one fixed-length
+chunk for one slot, the same for `decode_rows` slots at once (not when there is one row), a copy
+of one chunk of cache positions between slots, and one decode program per entry of
+`decode_lens`. Longer writes run chunk after chunk, each attending to what earlier chunks wrote.
+A decode program attends over a prefix of the cache only (256, 512, ... positions, then
+max_len), and each chunk runs the smallest that holds its rows, so a step costs what the live
+sequences need, not what the whole cache could hold. `warmup` compiles all of them up front.
 
 Prompts queued together share their common prefixes: each is prefilled once and copied into the
 other slots that start with it (`_plan_prefills`), so a GRPO step's prefill costs about one
@@ -272,6 +274,7 @@ class Engine:
         decode_rows: int | None = None,
         detokenize: Callable[[Sequence[int]], str] | None = None,
         share_prefixes: bool = True,
+        min_decode_len: int = 256,
     ):
         decode_rows = num_slots if decode_rows is None else decode_rows
         for name, value in (
@@ -282,6 +285,7 @@ class Engine:
             ("max_stop_ids", max_stop_ids),
             ("max_stop_sequences", max_stop_sequences),
             ("max_stop_len", max_stop_len),
+            ("min_decode_len", min_decode_len),
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
@@ -297,6 +301,9 @@ class Engine:
         self.max_stop_sequences = max_stop_sequences
         self.max_stop_len = max_stop_len
         self.prefill_chunk = min(prefill_chunk, max_len)
+        # Cache prefixes a decode program attends over: powers of two from min_decode_len, then
+        # max_len. `step` runs the smallest that holds every position its chunk touches.
+        self.decode_lens = _decode_lens(min_decode_len, max_len)
         # Token ids -> text, for `SamplingParams.stop_strings` (e.g. a tokenizer's `decode`).
         self.detokenize = detokenize
         self.share_prefixes = share_prefixes
@@ -310,7 +317,10 @@ class Engine:
             self._prefill_impl, donate_argnums=(1,), out_shardings=self._state_shardings
         )
         self._decode_fn = jax.jit(
-            self._decode_impl, donate_argnums=(1,), out_shardings=self._state_shardings
+            self._decode_impl,
+            donate_argnums=(1,),
+            static_argnums=(5,),  # kv_len: one program per entry of decode_lens
+            out_shardings=self._state_shardings,
         )
         self._copy_fn = jax.jit(
             self._copy_impl, donate_argnums=(0,), out_shardings=self._state_shardings
@@ -337,7 +347,8 @@ class Engine:
     @property
     def num_compilations(self) -> int:
         """Programs compiled so far, read from jit's caches (the traced code has no side
-        effects): 4 after `warmup` (3 with one row), and never more."""
+        effects): after `warmup`, 3 + len(decode_lens) (2 + len(decode_lens) with one row), and
+        never more."""
         return (
             self._prefill_fn._cache_size()
             + self._decode_fn._cache_size()
@@ -386,7 +397,10 @@ class Engine:
         decoding = np.array([s is _Status.DECODING for s in self._status])
         # Zero steps: decode only applies what `step` would (released slots stop).
         rows = self._rows_to_decode(decoding)
-        self._state = self._decode_fn(self._params, self._state, rows, decoding, np.int32(0))
+        for kv_len in self.decode_lens:
+            self._state = self._decode_fn(
+                self._params, self._state, rows, decoding, np.int32(0), kv_len
+            )
 
     def add(self, tokens: Sequence[int], sampling: SamplingParams) -> int:
         """Puts a prompt in a free slot and returns the slot id; it decodes from the next step."""
@@ -467,8 +481,13 @@ class Engine:
         if not decoding.any():
             return []
         rows = self._rows_to_decode(decoding)
+        # Every position this chunk reads or writes lies below the longest decoding row's cache
+        # length plus max_steps (step i reads [0, length + i) and writes at length + i).
+        chosen = rows[rows < self.num_slots]
+        longest = int(self._lengths[chosen[decoding[chosen]]].max())
+        kv_len = next(n for n in self.decode_lens if n >= min(longest + max_steps, self.max_len))
         self._state = self._decode_fn(
-            self._params, self._state, rows, decoding, np.int32(max_steps)
+            self._params, self._state, rows, decoding, np.int32(max_steps), kv_len
         )
         active, finish, num_gen, lengths = jax.device_get(
             (
@@ -946,19 +965,27 @@ class Engine:
         )
         return _arm_slots(state.replace(cache=cache), slot_ids, next_token, sampling)
 
-    def _decode_impl(self, params, state: EngineState, rows, allowed, max_steps) -> EngineState:
+    def _decode_impl(
+        self, params, state: EngineState, rows, allowed, max_steps, kv_len: int
+    ) -> EngineState:
         """Decodes the active slots among `rows` up to `max_steps` steps.
 
         `rows` [decode_rows] are slot ids (num_slots pads); `allowed` [B] is the host's view of
-        which slots decode, and deactivates released slots.
+        which slots decode, and deactivates released slots. Attention reads only the first
+        `kv_len` cache positions (static): the host picks it so that every position the chunk
+        reads or writes for a decoding row lies below it. Rows that do not decode may hold
+        longer caches; what they compute is discarded and they write nothing.
         """
         model = nnx.merge(self._graphdef, params)
         state = state.replace(active=state.active & allowed)
         if rows.shape[0] == self.num_slots:
-            return self._decode_loop(model, state, max_steps)  # every slot has its row
-        # One gather and one scatter of the rows' state per chunk, not per step. Writing back
-        # whole cache rows costs about one step's cache read per chunk.
-        decoded = self._decode_loop(model, _take_rows(state, rows), max_steps)
+            # Every slot has its row: the model writes the engine's cache in place.
+            cache = state.cache.replace(kv_len=kv_len)
+            decoded = self._decode_loop(model, state.replace(cache=cache), max_steps)
+            return decoded.replace(cache=decoded.cache.replace(kv_len=None))
+        # One gather and one scatter of the rows' state per chunk, not per step, and of their
+        # first kv_len cache positions only (all that the chunk touches).
+        decoded = self._decode_loop(model, _take_rows(state, rows, kv_len), max_steps)
         return _put_rows(state, rows, decoded)
 
     def _decode_loop(self, model, state: EngineState, max_steps) -> EngineState:
@@ -1016,6 +1043,18 @@ class Engine:
         return state
 
 
+def _decode_lens(min_decode_len: int, max_len: int) -> tuple[int, ...]:
+    """min_decode_len, doubled while below max_len, then max_len: a decode chunk attends over at
+    most twice the positions it needs (or min_decode_len), and a cache of C positions costs
+    about log2(C / min_decode_len) + 1 decode programs."""
+    lens = []
+    n = min_decode_len
+    while n < max_len:
+        lens.append(n)
+        n *= 2
+    return (*lens, max_len)
+
+
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -1040,8 +1079,9 @@ def _arm_slots(state: EngineState, slot_ids, next_token, sampling: SlotSampling)
     )
 
 
-def _take_rows(state: EngineState, rows) -> EngineState:
-    """The state of slots `rows`; ids past the last slot read zeros (inactive padding rows)."""
+def _take_rows(state: EngineState, rows, kv_len: int) -> EngineState:
+    """The state of slots `rows`, with the first `kv_len` positions of their caches; ids past
+    the last slot read zeros (inactive padding rows)."""
 
     def take(x, axis=0):
         return jnp.take(x, rows, axis=axis, mode="fill", fill_value=0)
@@ -1049,7 +1089,9 @@ def _take_rows(state: EngineState, rows) -> EngineState:
     cache = state.cache
     return EngineState(
         cache=model_lib.KVCache(
-            k=take(cache.k, 1), v=take(cache.v, 1), lengths=take(cache.lengths)
+            k=take(cache.k[:, :, :kv_len], 1),
+            v=take(cache.v[:, :, :kv_len], 1),
+            lengths=take(cache.lengths),
         ),
         next_token=take(state.next_token),
         active=take(state.active),
@@ -1062,17 +1104,19 @@ def _take_rows(state: EngineState, rows) -> EngineState:
 
 
 def _put_rows(state: EngineState, rows, decoded: EngineState) -> EngineState:
-    """`state` with slots `rows` set from `decoded`; padding rows write nothing. Decoding never
-    changes the sampling settings, so they are not written back."""
+    """`state` with slots `rows` set from `decoded`, whose caches may be a prefix of positions;
+    padding rows write nothing. Decoding never changes the sampling settings, so they are not
+    written back."""
 
     def put(x, y, axis=0):
         return x.at[(slice(None),) * axis + (rows,)].set(y, mode="drop")
 
     cache, new = state.cache, decoded.cache
+    kv_len = new.max_len
     return state.replace(
         cache=model_lib.KVCache(
-            k=put(cache.k, new.k, 1),
-            v=put(cache.v, new.v, 1),
+            k=cache.k.at[:, rows, :kv_len].set(new.k, mode="drop"),
+            v=cache.v.at[:, rows, :kv_len].set(new.v, mode="drop"),
             lengths=put(cache.lengths, new.lengths),
         ),
         next_token=put(state.next_token, decoded.next_token),

@@ -114,11 +114,20 @@ class ModelConfig:
 
 @struct.dataclass
 class KVCache:
-    """Per-sequence KV cache. Row b holds `lengths[b]` valid entries at indices [0, lengths[b])."""
+    """Per-sequence KV cache. Row b holds `lengths[b]` valid entries at indices [0, lengths[b]).
+
+    `kv_len` (static; None = `max_len`) bounds what attention reads: only the first `kv_len`
+    positions, while new entries are still written into the full cache. The caller promises that
+    every row's entries, old and new, fit in that prefix. It lets a decode step cost what the
+    live sequences need instead of what the whole cache holds (the engine compiles one program
+    per length bucket); a field of the cache rather than an argument, so models that wrap
+    `Transformer` pass it through without knowing about it.
+    """
 
     k: jax.Array  # [L, B, S, K, H]
     v: jax.Array  # [L, B, S, K, H]
     lengths: jax.Array  # [B] int32
+    kv_len: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32):
@@ -132,6 +141,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def read_len(self) -> int:
+        """How many leading positions attention reads."""
+        return self.max_len if self.kv_len is None else min(self.kv_len, self.max_len)
 
 
 def _param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], dtype, std=0.02) -> nnx.Param:
@@ -246,6 +260,9 @@ class Attention(nnx.Module):
             scores = scores / math.sqrt(cfg.head_dim)
             return jnp.where(keys_mask[:, None, None, :, :], scores, _MASK_VALUE)
 
+        if past is not None and t == 1:
+            out = _attend_one_token(q, k, v, past, cfg.head_dim)
+            return _dense(out, self.wo_nhd[...], num_in=2), k, v
         scores = scores_for(k, mask)  # [B, K, G, T, T]
         if past is None:
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -261,6 +278,31 @@ class Attention(nnx.Module):
             out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., s:], v)
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
         return _dense(out, self.wo_nhd[...], num_in=2), k, v
+
+
+def _attend_one_token(q, k, v, past, head_dim: int):
+    """Attention of one new token per row over its cached entries and itself: [B, 1, N, H].
+
+    q [B, 1, K, G, H]; k, v [B, 1, K, H]; past as in `Attention.__call__`. Decode's shapes get
+    their own formulation: as batched dots over (B, K), XLA:CPU copied every layer's cache slice
+    into a transposed layout and ran B x K tiny matmuls, which cost more than the rest of the
+    step. Elementwise products reduced over the head dim (scores) and over the cache positions
+    (output) read the cache once, in place. One softmax over cached and new keys.
+    """
+    past_k, past_v, past_mask = past
+    b, _, nk, g, h = q.shape
+    s = past_k.shape[1]
+    q1 = q[:, 0].astype(jnp.float32)  # [B, K, G, H]
+    scale = 1 / math.sqrt(head_dim)
+    past_scores = jnp.sum(q1[:, None] * past_k[:, :, :, None, :].astype(jnp.float32), axis=-1)
+    past_scores = past_scores * scale
+    past_scores = jnp.where(past_mask[:, 0, :, None, None], past_scores, _MASK_VALUE)  # [B,S,K,G]
+    new_scores = jnp.sum(q1 * k[:, 0, :, None, :].astype(jnp.float32), axis=-1) * scale  # [B,K,G]
+    joint = jnp.concatenate([past_scores, new_scores[:, None]], axis=1)  # [B, S + 1, K, G]
+    probs = jax.nn.softmax(joint, axis=1).astype(v.dtype)
+    out = jnp.sum(probs[:, :s, :, :, None] * past_v[:, :, :, None, :], axis=1)  # [B, K, G, H]
+    out = out + probs[:, s, :, :, None] * v[:, 0, :, None, :]
+    return out.reshape(b, 1, nk * g, h)
 
 
 class MLP(nnx.Module):
@@ -382,10 +424,12 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
         inv_freq = rope_inv_freq(self.config)
         causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), jnp.bool_)), (b, t, t))
-        past_mask = (jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None])[:, None, :]
+        s = cache.read_len
+        past_mask = (jnp.arange(s)[None, :] < cache.lengths[:, None])[:, None, :]  # [B, 1, S]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, positions, inv_freq, causal, (cache.k[i], cache.v[i], past_mask))
+            past = (cache.k[i, :, :s], cache.v[i, :, :s], past_mask)
+            x, k, v = layer(x, positions, inv_freq, causal, past)
             new_k.append(k)
             new_v.append(v)
         return self.final_norm(x), jnp.stack(new_k), jnp.stack(new_v)
@@ -405,7 +449,7 @@ def _write_kv(cache: KVCache, k, v, attn_mask=None) -> KVCache:
     write_idx = jnp.where(attn_mask, cache.lengths[:, None] + jnp.arange(t)[None, :], cache.max_len)
     rows = jnp.arange(b)[:, None]
     # One scatter per array for all layers, after every read of the cache.
-    return KVCache(
+    return cache.replace(
         k=cache.k.at[:, rows, write_idx].set(k.astype(cache.k.dtype), mode="drop"),
         v=cache.v.at[:, rows, write_idx].set(v.astype(cache.v.dtype), mode="drop"),
         lengths=cache.lengths + attn_mask.sum(axis=-1).astype(jnp.int32),

@@ -44,6 +44,12 @@ def parse_args():
     p.add_argument(
         "--compare_max_len", type=int, default=0, help="also time decode with this cache length"
     )
+    p.add_argument(
+        "--min_decode_len",
+        type=int,
+        default=256,
+        help="smallest decode bucket (set it to --max_len to attend over the whole cache)",
+    )
     p.add_argument("--skip_hf", action="store_true", help="engine only (no transformers run)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
     return common.resolve_model_args(p.parse_args())
@@ -114,12 +120,19 @@ def run_batch(args, hf, model, b, bandwidth):
     p, n = args.prompt_tokens, args.new_tokens
     prompts = np.random.default_rng(b).integers(1, args.vocab, size=(b, p)).tolist()
     max_len = max(args.max_len, p + n)
-    engine = engine_lib.Engine(model, num_slots=b, max_len=max_len)
+    engine = engine_lib.Engine(
+        model, num_slots=b, max_len=max_len, min_decode_len=args.min_decode_len
+    )
     engine.warmup()
     compilations = engine.num_compilations
     other = None
     if args.compare_max_len:
-        other = engine_lib.Engine(model, num_slots=b, max_len=max(args.compare_max_len, p + n))
+        other = engine_lib.Engine(
+            model,
+            num_slots=b,
+            max_len=max(args.compare_max_len, p + n),
+            min_decode_len=args.min_decode_len,
+        )
         other.warmup()
     sampling = engine_lib.SamplingParams(max_new_tokens=n)
 

@@ -1,10 +1,11 @@
 """Rollout wall time with slow tools: asynchronous rollout vs the lock-step baseline.
 
 Usage: python benchmarks/bench_rollout.py [--episodes 64] [--turns 4] [--tool_s 0.5]
-           [--slots 64] [--decode_rows 16] [--tool_spread 0.5] [--repeats 3]
+           [--slots 64] [--decode_rows 16] [--tool_spread 1.5] [--repeats 3] [--preset tiny]
 
 Every episode makes `turns` tool calls that sleep (a stand-in for web latency), through the real
-engine (a tiny model forced to a scripted conversation) and the real sandbox. The engine holds
+engine (a random model at SmolLM2-135M's dimensions, `--preset=tiny` for a small one, forced to
+a scripted conversation) and the real sandbox. The engine holds
 `slots` sequences in its cache and decodes `decode_rows` of them at once. Rows:
   pure decode   the asynchronous rollout with tools that return at once: decode-bound time D
   lock-step     every turn waits until all live episodes' tools are done
@@ -38,6 +39,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402  (benchmarks/common.py)
+
 from tests import helpers  # noqa: E402
 from toolr1_jax import engine as engine_lib  # noqa: E402
 from toolr1_jax.agent import parse, prompt, rollout  # noqa: E402
@@ -53,7 +56,7 @@ _ID_FILE = "id"
 
 
 class ScriptedModel(nnx.Module):
-    """A tiny random transformer whose logits are pushed toward `script[position + 1]`."""
+    """A random transformer whose logits are pushed toward `script[position + 1]`."""
 
     def __init__(self, inner: model_lib.Transformer, script: np.ndarray):
         self.inner = inner
@@ -144,16 +147,19 @@ async def main(args) -> None:
         for i in range(args.episodes)
     ]
     turns = _turns(args.turns)
+    # The script's ids come from a small test tokenizer; the model keeps the preset's vocabulary
+    # (ids beyond the tokenizer's are never the scripted argmax), so the LM head costs what it
+    # costs at that size.
     model_config = model_lib.ModelConfig(
-        model_type="qwen2",
-        vocab_size=512,
+        model_type="llama",
+        vocab_size=max(args.vocab, tokenizer.vocab_size),
         hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
+        intermediate_size=args.intermediate,
         num_layers=args.layers,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=args.hidden // 4,
-        qkv_bias=True,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        tie_word_embeddings=args.tied,
     )
     async with pool_lib.SandboxPool(
         args.episodes, 30.0, 512, preload=(), tools=[_web_tool(latency)]
@@ -233,6 +239,7 @@ async def main(args) -> None:
         f"{args.episodes} episodes x {args.turns} tool turns, {len(script)} tokens per episode; "
         f"engine: {args.slots} slots, {engine.decode_rows} decode rows, prefill chunk "
         f"{engine.prefill_chunk}, decode chunk {args.chunk}; medians of {args.repeats}; "
+        f"model: {common.describe(args)}; "
         f"{jax.devices()[0].platform}; load average {load_before[0]:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after"
     )
@@ -265,13 +272,12 @@ if __name__ == "__main__":
     parser.add_argument("--episodes", type=int, default=64)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--tool_s", type=float, default=0.5)
-    parser.add_argument("--tool_spread", type=float, default=0.5, help="0: fixed latency only")
+    parser.add_argument("--tool_spread", type=float, default=1.5, help="0: fixed latency only")
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--decode_rows", type=int, default=16)
     parser.add_argument("--prefill_chunk", type=int, default=32)
     parser.add_argument("--max_len", type=int, default=576)
     parser.add_argument("--chunk", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=2)
+    common.add_model_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    asyncio.run(main(parser.parse_args()))
+    asyncio.run(main(common.resolve_model_args(parser.parse_args())))

@@ -1,13 +1,16 @@
 """GRPO update throughput: the jitted JAX step vs the same step in PyTorch with transformers.
 
-A tiny random Qwen2-style model is built with transformers, saved, and loaded into the JAX
-`Transformer`; both sides run the same update on the same batch: forward, temperature-scaled
-float32 log-probs, the decoupled clipped GRPO loss (token mean, capped importance weight),
-backward, global-norm clipping and AdamW with warmup. The first step's losses must agree.
-Prints tokens/s of each and their ratio, last.
+A random model at SmolLM2-135M's dimensions (`--preset=tiny` for a small one) is built with
+transformers, saved, and loaded into the JAX `Transformer`; both sides run the same update on the
+same batch: forward, temperature-scaled float32 log-probs, the decoupled clipped GRPO loss (token
+mean, capped importance weight), backward, global-norm clipping and AdamW with warmup. The first
+step's losses must agree. Prints tokens/s of each and their ratio, the JAX step's model FLOP/s
+(6 x matmul parameters x tokens) over the float32 matmul throughput measured in the same run at
+the step's shapes, and the compiled program's temporary memory per token, last.
 
-  python benchmarks/bench_update.py                      # batch 8 x 256 tokens
-  python benchmarks/bench_update.py --hidden=512 --layers=8 --microbatches=2
+  python benchmarks/bench_update.py                      # SmolLM2 size, batch 8 x 512 tokens
+  python benchmarks/bench_update.py --tokens=1024 --microbatches=2
+  python benchmarks/bench_update.py --preset=tiny --tokens=256
   taskset -c 1 python benchmarks/bench_update.py        # both sides on one core
 
 On a shared machine the two-thread figure flatters JAX: PyTorch's OpenMP threads lose more to
@@ -20,6 +23,7 @@ import statistics
 import tempfile
 import time
 
+import common  # benchmarks/common.py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,18 +49,13 @@ LR, WARMUP_STEPS, TOTAL_STEPS, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 2, 1000, 0.0,
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=256, help="sequence length L")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv_heads", type=int, default=2)
-    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=512, help="sequence length L")
+    common.add_model_args(p)
+    p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--chunk", type=int, default=128, help="LM-head chunk (positions)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs of each side")
-    return p.parse_args()
+    p.add_argument("--steps", type=int, default=1, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each side")
+    return common.resolve_model_args(p.parse_args())
 
 
 def make_batch(args):
@@ -126,7 +125,8 @@ def main():
     args = parse_args()
     print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, ")
     print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    config = transformers.Qwen2Config(
+    # Llama: SmolLM2's architecture (no attention biases).
+    config = transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -134,7 +134,7 @@ def main():
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.tokens,
-        tie_word_embeddings=False,
+        tie_word_embeddings=args.tied,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=0,
@@ -149,8 +149,8 @@ def main():
     batch = make_batch(args)
     tokens_per_step = int(batch["loss_mask"].size)
     print(
-        f"model: {args.layers} layers, D={args.hidden}, F={args.intermediate}, V={args.vocab}; "
-        f"batch {args.batch} x {args.tokens} tokens, {args.microbatches} micro-batch(es)"
+        f"model: {common.describe(args)}; batch {args.batch} x {args.tokens} tokens, "
+        f"{args.microbatches} micro-batch(es)"
     )
 
     # JAX: the first call compiles; later calls reuse the program and donate their inputs.
@@ -164,14 +164,17 @@ def main():
     )
     jbatch = update.Batch(**{k: jnp.asarray(v) for k, v in batch.items()})
     t0 = time.perf_counter()
-    state, opt_state, metrics = step(state, opt_state, jbatch)
+    compiled = step.lower(state, opt_state, jbatch).compile()
+    print(f"jax: compile {time.perf_counter() - t0:.1f} s")
+    memory = compiled.memory_analysis()
+    step = compiled  # the same program; its calls donate state and opt_state too
+    state, opt_state, metrics = step(state, opt_state, jbatch, None)
     jax_loss = float(metrics["loss"])
-    print(f"jax: first step (compile + run) {time.perf_counter() - t0:.1f} s")
 
     def jax_steps():
         nonlocal state, opt_state
         for _ in range(args.steps):
-            state, opt_state, m = step(state, opt_state, jbatch)
+            state, opt_state, m = step(state, opt_state, jbatch, None)
         jax.block_until_ready(m)
 
     torch_step = torch_step_fn(hf, batch, args.microbatches)
@@ -201,9 +204,30 @@ def main():
             f"   best {best * 1e3:8.1f} ms/step {tokens_per_step / best:8.0f} tokens/s"
         )
     print(f"per-repeat speedups: {' '.join(f'{r:.2f}' for r in ratios)}")
+
+    # Limits measured now, on the shapes the step's big matmuls have: the MLP's [rows, D] x
+    # [D, F] with rows the tokens of one micro-batch.
+    rows = tokens_per_step // args.microbatches
+    peak = common.matmul_flops_per_s(rows, args.hidden, args.intermediate)
+    model_flops = 3 * common.matmul_flops(args, tokens_per_step)  # forward + backward
+    jax_best = min(jax_times)
+    print(
+        f"float32 matmul [{rows}x{args.hidden}]x[{args.hidden}x{args.intermediate}]: "
+        f"{peak / 1e9:.0f} GFLOP/s; model FLOPs/step {model_flops / 1e12:.2f} T"
+    )
+    temp = memory.temp_size_in_bytes if memory is not None else float("nan")
+    print("--- ratios ---")
     print(
         f"speedup (jax / torch tokens/s): median {statistics.median(ratios):.2f}x, "
-        f"best-vs-best {min(torch_times) / min(jax_times):.2f}x"
+        f"best-vs-best {min(torch_times) / jax_best:.2f}x"
+    )
+    print(
+        f"jax model FLOP/s over matmul throughput: {model_flops / jax_best / peak:.2f} "
+        f"(torch: {model_flops / min(torch_times) / peak:.2f})"
+    )
+    print(
+        f"jax temporaries: {temp / 2**30:.2f} GiB, {temp / tokens_per_step / 2**10:.0f} KiB "
+        "per token"
     )
 
 

@@ -18,6 +18,7 @@ that many positions, interleaved with the first, and the ratio of the two step t
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -214,6 +215,7 @@ def run_batch(args, hf, model, b, bandwidth):
 
 def main():
     args = parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # runs take minutes: show each result as it comes
     batches = [int(x) for x in args.batch.split(",")]
     print(
         f"machine: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; jax {jax.__version__} "

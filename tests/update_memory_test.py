@@ -5,14 +5,16 @@ Without per-block rematerialisation (and XLA:CPU's memory-aware scheduler, set o
 toolr1_jax) the backward kept every layer's [B, K, G, T, T] attention scores: 40 GB of
 temporaries. The bound: 4 GB beyond parameters and optimizer state.
 
-Two micro-batches, as the demo runs. With one, XLA removes the one-trip accumulation loop, and
-in the flat program global-norm clipping makes the CPU scheduler keep 16 GB alive (Adam without
-clipping: 2.3 GB); that case is open.
+One micro-batch is the hard case: XLA removes a one-trip accumulation loop, and in the flat
+program that leaves, global-norm clipping let the CPU scheduler keep every layer's recomputed
+activations alive (15 GiB). The update keeps its loop (`update._loop_over_microbatches`); both
+counts are compiled and checked, and the one-micro-batch step runs.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from toolr1_jax import update
@@ -43,12 +45,13 @@ B, T = 8, 1024
 BOUND_BYTES = 4 * 2**30
 
 
-def test_smollm2_size_update_runs_within_its_memory_bound():
+@pytest.mark.parametrize("num_microbatches", [2, 1])
+def test_smollm2_size_update_runs_within_its_memory_bound(num_microbatches):
     model = model_lib.Transformer(SMOLLM2_DIMS, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     optimizer = update.make_optimizer(1e-5, 0, 10, 0.0, 1.0)  # no warmup: step 0 moves
     opt_state = optimizer.init(state)
-    step = update.make_train_step(graphdef, optimizer, LOSS, num_microbatches=2)
+    step = update.make_train_step(graphdef, optimizer, LOSS, num_microbatches=num_microbatches)
 
     rng = np.random.default_rng(0)
     loss_mask = np.zeros((B, T), np.float32)
@@ -64,6 +67,8 @@ def test_smollm2_size_update_runs_within_its_memory_bound():
     compiled = step.lower(state, opt_state, batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < BOUND_BYTES, f"{temp / 2**30:.2f} GiB of temporaries"
+    if num_microbatches > 1:
+        return  # compiled and bounded; one run (below, one micro-batch) is enough for CI
 
     before = jax.tree.map(np.asarray, state)
     state, opt_state, metrics = compiled(state, opt_state, batch, None)

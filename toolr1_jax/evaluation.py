@@ -795,7 +795,8 @@ def summarize_accuracy(
             if k.startswith("eval/accuracy/level_")
         }
     )
-    curves = [(f"eval/{metric}", metric.replace("accuracy/", "") if "/" in metric else "all")]
+    label = {"accuracy": "all levels", "accuracy/grpo_levels": "GRPO's levels"}.get(metric, metric)
+    curves = [(f"eval/{metric}", label)]
     curves += [(f"eval/accuracy/level_{lv}", f"level {lv}") for lv in levels]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     steps = sorted(evals)

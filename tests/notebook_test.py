@@ -24,7 +24,9 @@ def test_notebook_is_valid_nbformat_4():
     assert 'importlib.util.find_spec("toolr1_jax") is None' in install
 
 
-@pytest.mark.timeout(1500)
+# The training cell is demo.py:short with one GRPO step: SmolLM2's SFT and evaluations make it
+# about as long as tests/demo_test.py (~5x longer on the loaded shared box than on an idle one).
+@pytest.mark.timeout(5400)
 def test_notebook_runs(tmp_path, monkeypatch):
     # The kernel and the training subprocess inherit this environment: a private run directory
     # and dataset cache, and one CPU device like a Colab CPU runtime (not conftest's 8).
@@ -34,7 +36,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         nb,
-        timeout=1200,
+        timeout=5000,  # per cell
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )

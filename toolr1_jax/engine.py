@@ -17,11 +17,12 @@ are always `cache length`, and every sampling step goes through the one decode p
 
 The engine compiles a fixed set of programs, whatever the prompts: prefill of one fixed-length
 chunk for one slot, the same for `decode_rows` slots at once (not when there is one row), a copy
-of one chunk of cache positions between slots, and one decode program per entry of
-`decode_lens`. Longer writes run chunk after chunk, each attending to what earlier chunks wrote.
-A decode program attends over a prefix of the cache only (256, 512, ... positions, then
-max_len), and each chunk runs the smallest that holds its rows, so a step costs what the live
-sequences need, not what the whole cache could hold. `warmup` compiles all of them up front.
+of one chunk of cache positions between slots, and decode; prefill and decode have one program
+per entry of `decode_lens`. Longer writes run chunk after chunk, each attending to what earlier
+chunks wrote. Prefill and decode programs attend over a prefix of the cache only (256, 512, ...
+positions, then max_len), and each call runs the smallest that holds its rows, so it costs what
+the live sequences need, not what the whole cache could hold. `warmup` compiles all of them up
+front.
 
 Prompts queued together share their common prefixes: each is prefilled once and copied into the
 other slots that start with it (`_plan_prefills`), so a GRPO step's prefill costs about one
@@ -301,8 +302,9 @@ class Engine:
         self.max_stop_sequences = max_stop_sequences
         self.max_stop_len = max_stop_len
         self.prefill_chunk = min(prefill_chunk, max_len)
-        # Cache prefixes a decode program attends over: powers of two from min_decode_len, then
-        # max_len. `step` runs the smallest that holds every position its chunk touches.
+        # Cache prefixes a prefill or decode program attends over: powers of two from
+        # min_decode_len, then max_len. Each call runs the smallest that holds every position it
+        # touches.
         self.decode_lens = _decode_lens(min_decode_len, max_len)
         # Token ids -> text, for `SamplingParams.stop_strings` (e.g. a tokenizer's `decode`).
         self.detokenize = detokenize
@@ -314,7 +316,10 @@ class Engine:
         self._state_shardings = self._shardings_for(state)
         self._state = jax.device_put(state, self._state_shardings)
         self._prefill_fn = jax.jit(
-            self._prefill_impl, donate_argnums=(1,), out_shardings=self._state_shardings
+            self._prefill_impl,
+            donate_argnums=(1,),
+            static_argnums=(8,),  # kv_len: one program per (width, entry of decode_lens)
+            out_shardings=self._state_shardings,
         )
         self._decode_fn = jax.jit(
             self._decode_impl,
@@ -347,8 +352,8 @@ class Engine:
     @property
     def num_compilations(self) -> int:
         """Programs compiled so far, read from jit's caches (the traced code has no side
-        effects): after `warmup`, 3 + len(decode_lens) (2 + len(decode_lens) with one row), and
-        never more."""
+        effects): after `warmup`, 1 + 3 x len(decode_lens) (1 + 2 x len(decode_lens) with one
+        row: prefill per width and decode, per length bucket, and the copy), and never more."""
         return (
             self._prefill_fn._cache_size()
             + self._decode_fn._cache_size()
@@ -392,7 +397,8 @@ class Engine:
         Runs each once on padding rows that change no slot; safe at any time.
         """
         for width in sorted({1, self.decode_rows}):
-            self._state = self._prefill_fn(*self._prefill_args([], 0, width))
+            for kv_len in self.decode_lens:
+                self._state = self._prefill_fn(*self._prefill_args([], 0, width, kv_len))
         self._state = self._copy_fn(*self._copy_args([], 0))
         decoding = np.array([s is _Status.DECODING for s in self._status])
         # Zero steps: decode only applies what `step` would (released slots stop).
@@ -485,7 +491,7 @@ class Engine:
         # length plus max_steps (step i reads [0, length + i) and writes at length + i).
         chosen = rows[rows < self.num_slots]
         longest = int(self._lengths[chosen[decoding[chosen]]].max())
-        kv_len = next(n for n in self.decode_lens if n >= min(longest + max_steps, self.max_len))
+        kv_len = self._kv_len(longest + max_steps)
         self._state = self._decode_fn(
             self._params, self._state, rows, decoding, np.int32(max_steps), kv_len
         )
@@ -823,9 +829,9 @@ class Engine:
             for batch in (todo[i : i + width] for i in range(0, len(todo), width)):
                 if len(batch) == 1 or _ONE_BY_ONE_SHARE * len(batch) <= width:
                     for job in batch:
-                        self._state = self._prefill_fn(*self._prefill_args([job], r, 1))
+                        self._state = self._prefill_fn(*self._prefill_args([job], r, 1, None))
                 else:
-                    self._state = self._prefill_fn(*self._prefill_args(batch, r, width))
+                    self._state = self._prefill_fn(*self._prefill_args(batch, r, width, None))
 
     def _run_copies(self, copies: list[_Copy]) -> None:
         """Runs `copies`, `decode_rows` at a time, one prefill chunk of positions per call."""
@@ -837,11 +843,18 @@ class Engine:
             for i in range(0, len(todo), width):
                 self._state = self._copy_fn(*self._copy_args(todo[i : i + width], r))
 
-    def _prefill_args(self, jobs: Sequence[_PendingPrefill], chunk_index: int, width: int):
+    def _kv_len(self, needed: int) -> int:
+        """The smallest entry of `decode_lens` that holds `needed` cache positions."""
+        return next(n for n in self.decode_lens if n >= min(needed, self.max_len))
+
+    def _prefill_args(
+        self, jobs: Sequence[_PendingPrefill], chunk_index: int, width: int, kv_len: int | None
+    ):
         """Arguments of the prefill program for chunk `chunk_index` of `jobs` in `width` rows.
 
         With width num_slots, row i is slot i; otherwise jobs fill the first rows. Padding rows
-        point past the last slot: their gathers read zeros and their writes drop.
+        point past the last slot: their gathers read zeros and their writes drop. `kv_len` None
+        picks the smallest length bucket that holds every position the chunk reads or writes.
         """
         chunk = self.prefill_chunk
         slot_ids = np.full((width,), self.num_slots, np.int32)
@@ -861,6 +874,8 @@ class Engine:
             next_token[row] = job.next_token
             rows[row] = job.sampling
         sampling = self._sampling_rows(rows)
+        if kv_len is None:
+            kv_len = self._kv_len(int((start + num_tokens).max()))
         return (
             self._params,
             self._state,
@@ -870,6 +885,7 @@ class Engine:
             num_tokens,
             next_token,
             sampling,
+            kv_len,
         )
 
     def _copy_args(self, copies: Sequence[_Copy], chunk_index: int):
@@ -895,12 +911,24 @@ class Engine:
     # -- jitted programs ------------------------------------------------------------------------
 
     def _prefill_impl(
-        self, params, state: EngineState, slot_ids, tokens, start, num_tokens, next_token, sampling
+        self,
+        params,
+        state: EngineState,
+        slot_ids,
+        tokens,
+        start,
+        num_tokens,
+        next_token,
+        sampling,
+        kv_len: int,
     ) -> EngineState:
         """Writes tokens [P, T] at cache positions `start` [P] of slots [P] and arms them.
 
         Arming (pending token, sampling settings, budget) is the same for every chunk of a job,
-        so each chunk applies it. A chunk attends to the slot's entries before `start`.
+        so each chunk applies it. A chunk attends to the slot's entries before `start`, read from
+        the first `kv_len` cache positions only (a length bucket, as in decode): a prompt's
+        chunk then costs what the prompt needs, not what the cache could hold, and with fewer
+        rows than slots only that prefix of each row is gathered.
         """
         model = nnx.merge(self._graphdef, params)
         cache = state.cache
@@ -910,13 +938,13 @@ class Engine:
         # Only the cache is needed; hidden states skip the LM head.
         if p == self.num_slots:
             # Row i is slot i (or padding): the model writes the engine's cache in place.
-            past = model_lib.KVCache(k=cache.k, v=cache.v, lengths=start)
+            past = model_lib.KVCache(k=cache.k, v=cache.v, lengths=start, kv_len=kv_len)
             _, new = model.hidden_states(tokens, positions, past, mask)
             k, v = new.k, new.v
         else:
 
             def rows(x):
-                return x.at[:, slot_ids].get(mode="fill", fill_value=0)
+                return x[:, :, :kv_len].at[:, slot_ids].get(mode="fill", fill_value=0)
 
             past = model_lib.KVCache(k=rows(cache.k), v=rows(cache.v), lengths=start)
             _, new = model.hidden_states(tokens, positions, past, mask)

@@ -67,17 +67,7 @@ def run_episodes(engine, prompts, observations, sampling, continuation: bool):
 
 def main():
     args = parse_args()
-    config = model_lib.ModelConfig(
-        model_type="llama",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        tie_word_embeddings=args.tied,
-    )
+    config = common.model_config(args)
     model = model_lib.Transformer(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
     per_turn = args.observation_tokens + args.new_tokens
     max_len = args.prompt_tokens + args.turns * per_turn

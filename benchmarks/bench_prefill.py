@@ -77,17 +77,7 @@ def demo_prompts(tok, num_questions: int) -> list[list[int]]:
 
 
 def build_model(args) -> model_lib.Transformer:
-    config = model_lib.ModelConfig(
-        model_type="llama",
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        tie_word_embeddings=args.tied,
-    )
+    config = common.model_config(args)
     return model_lib.Transformer(config, rngs=nnx.Rngs(0))
 
 

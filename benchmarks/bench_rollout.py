@@ -150,17 +150,7 @@ async def main(args) -> None:
     # The script's ids come from a small test tokenizer; the model keeps the preset's vocabulary
     # (ids beyond the tokenizer's are never the scripted argmax), so the LM head costs what it
     # costs at that size.
-    model_config = model_lib.ModelConfig(
-        model_type="llama",
-        vocab_size=max(args.vocab, tokenizer.vocab_size),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        tie_word_embeddings=args.tied,
-    )
+    model_config = common.model_config(args, vocab_size=max(args.vocab, tokenizer.vocab_size))
     async with pool_lib.SandboxPool(
         args.episodes, 30.0, 512, preload=(), tools=[_web_tool(latency)]
     ) as pool:

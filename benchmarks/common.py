@@ -17,6 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from toolr1_jax.models import model as model_lib
+
 # Qwen2-style field names (the benchmarks build their random models with transformers).
 PRESETS = {
     # SmolLM2-135M-Instruct: llama, tied embeddings, 9 query / 3 kv heads of 64.
@@ -52,6 +54,22 @@ def describe(args: argparse.Namespace) -> str:
         f"{args.preset} preset: L={args.layers}, D={args.hidden}, F={args.intermediate}, "
         f"V={args.vocab}, heads {args.heads}/{args.kv_heads}"
         + (", tied embeddings" if args.tied else "")
+    )
+
+
+def model_config(args: argparse.Namespace, vocab_size: int | None = None) -> model_lib.ModelConfig:
+    """The JAX model config the size flags describe (Llama: SmolLM2's architecture);
+    `vocab_size` overrides the flags' vocabulary."""
+    return model_lib.ModelConfig(
+        model_type="llama",
+        vocab_size=args.vocab if vocab_size is None else vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        tie_word_embeddings=args.tied,
     )
 
 

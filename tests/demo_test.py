@@ -26,7 +26,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(5400)
 def test_demo_short_smollm2_sft_then_grpo(tmp_path):
     workdir = tmp_path / "demo"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # One CPU device, as the README command runs: the test session's 8 fake devices (conftest)
+    # would make the demo's data-parallel mesh hold 8 replicas of SmolLM2 and its optimizer
+    # state (measured: the run was killed for memory at 21 GB).
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", XLA_FLAGS="")
     proc = subprocess.run(
         # Keeping one checkpoint shows that the SFT result (step 0) is kept past max_to_keep.
         helpers.train_cmd(

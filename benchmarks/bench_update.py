@@ -53,6 +53,12 @@ def parse_args():
     common.add_model_args(p)
     p.add_argument("--microbatches", type=int, default=2)
     p.add_argument("--chunk", type=int, default=128, help="LM-head chunk (positions)")
+    p.add_argument(
+        "--remat",
+        default="block",
+        choices=("block", "dots", "none"),
+        help="what the JAX backward recomputes (optim.remat); PyTorch recomputes nothing",
+    )
     p.add_argument("--steps", type=int, default=1, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each side")
     return common.resolve_model_args(p.parse_args())
@@ -150,10 +156,11 @@ def main():
     tokens_per_step = int(batch["loss_mask"].size)
     print(
         f"model: {common.describe(args)}; batch {args.batch} x {args.tokens} tokens, "
-        f"{args.microbatches} micro-batch(es)"
+        f"{args.microbatches} micro-batch(es), JAX remat {args.remat}"
     )
 
     # JAX: the first call compiles; later calls reuse the program and donate their inputs.
+    model.remat = args.remat
     graphdef, state = nnx.split(model)
     optimizer = update.make_optimizer(
         LR, WARMUP_STEPS, TOTAL_STEPS, WEIGHT_DECAY, MAX_GRAD_NORM, end_lr_ratio=1.0

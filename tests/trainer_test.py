@@ -255,6 +255,7 @@ def test_non_finite_loss_stops_the_run_and_the_resume_needs_no_init_from(
         ("--config.mesh.data=3", "mesh.data"),
         ("--config.model.init_from=/nonexistent/model", "model.init_from"),
         ("--config.optim.num_microbatches=3", "optim.num_microbatches"),
+        ("--config.optim.remat=some", "optim.remat"),
         ("--config.data.num_train=-1", "data.num_train"),
     ],
 )

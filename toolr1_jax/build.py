@@ -102,6 +102,10 @@ def validate(config: ml_collections.ConfigDict, *, resuming: bool) -> None:
             f"optim.num_microbatches={config.optim.num_microbatches} must divide the batch "
             f"grpo.questions_per_step * grpo.group_size = {batch}."
         )
+    if config.optim.remat not in model_lib.REMAT_POLICIES:
+        raise ConfigError(
+            f"optim.remat={config.optim.remat!r} must be one of {model_lib.REMAT_POLICIES}."
+        )
     if not 0 <= config.engine.decode_rows <= config.engine.num_slots:
         raise ConfigError(
             f"engine.decode_rows={config.engine.decode_rows} must be in [0, engine.num_slots="

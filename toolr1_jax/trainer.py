@@ -249,6 +249,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
     else:  # from scratch, or the shapes a checkpoint restores into
         model = model_lib.Transformer(model_config, rngs=nnx.Rngs(config.seed), dtype=dtype)
         model = sharding.shard_model(model, mesh)
+    model.remat = config.optim.remat
     graphdef, params = nnx.split(model)
     optimizer = build.optimizer(config, config.total_steps)
     # One process keeps the queue sharded over the mesh; several keep a full copy each (the

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+# What a gradient through the model recomputes instead of storing: see `_remat_block`.
+REMAT_POLICIES = ("block", "dots", "none")
 
 # Finite, so a query row whose keys are all masked (left padding) gives uniform weights, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -233,7 +235,8 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, inv_freq, mask, past=None):
         """Attention output [B, T, D] and the new tokens' keys and values [B, T, K, H].
 
-        x: [B, T, D]; mask [B, T, T] says which new tokens each new token sees. `past`, if given,
+        x: [B, T, D]; mask [B, T, T] says which new tokens each new token sees (causal: none sees a
+        later one). `past`, if given,
         is (keys [B, S, K, H], values, mask [B, 1 or T, S]): cached entries attended to jointly
         with the new tokens (one softmax over both), read but never written here.
         """
@@ -255,29 +258,57 @@ class Attention(nnx.Module):
         g = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)  # [B, T, K, G, H]
 
-        def scores_for(keys, keys_mask):
-            scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
-            scores = scores / math.sqrt(cfg.head_dim)
-            return jnp.where(keys_mask[:, None, None, :, :], scores, _MASK_VALUE)
-
-        if past is not None and t == 1:
+        if past is None:
+            out = _causal_attention(q, k, v, mask, cfg.head_dim)
+            out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
+            return _dense(out, self.wo_nhd[...], num_in=2), k, v
+        if t == 1:
             out = _attend_one_token(q, k, v, past, cfg.head_dim)
             return _dense(out, self.wo_nhd[...], num_in=2), k, v
-        scores = scores_for(k, mask)  # [B, K, G, T, T]
-        if past is None:
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-        else:
-            past_k, past_v, past_mask = past
-            s = past_k.shape[1]
-            # One softmax over cached and new keys; the cache is only read, so XLA never has to
-            # copy it to keep a read after an in-place write correct.
-            joint = jnp.concatenate([scores_for(past_k, past_mask), scores], axis=-1)
-            probs = jax.nn.softmax(joint, axis=-1).astype(v.dtype)  # [B, K, G, T, S + T]
-            out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], past_v)
-            out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., s:], v)
+        scores = _scores(q, k, mask, cfg.head_dim)  # [B, K, G, T, T]
+        past_k, past_v, past_mask = past
+        s = past_k.shape[1]
+        # One softmax over cached and new keys; the cache is only read, so XLA never has to
+        # copy it to keep a read after an in-place write correct.
+        joint = jnp.concatenate([_scores(q, past_k, past_mask, cfg.head_dim), scores], axis=-1)
+        probs = jax.nn.softmax(joint, axis=-1).astype(v.dtype)  # [B, K, G, T, S + T]
+        out = jnp.einsum("bkgts,bskh->btkgh", probs[..., :s], past_v)
+        out = out + jnp.einsum("bkgts,bskh->btkgh", probs[..., s:], v)
         out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
         return _dense(out, self.wo_nhd[...], num_in=2), k, v
+
+
+# Query-block length of the causal self-attention without a cache (training, scoring).
+_CAUSAL_BLOCK = 128
+
+
+def _scores(q, keys, keys_mask, head_dim: int):
+    """Masked attention scores [B, K, G, T, S] in float32. q [B, T, K, G, H]; keys [B, S, K, H];
+    keys_mask [B, T or 1, S]."""
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(head_dim)
+    return jnp.where(keys_mask[:, None, None, :, :], scores, _MASK_VALUE)
+
+
+def _causal_attention(q, k, v, mask, head_dim: int):
+    """Self-attention of T new tokens with no cache, in query blocks: [B, T, K, G, H].
+
+    q [B, T, K, G, H]; k, v [B, T, K, H]; mask [B, T, T] must be causal (every caller builds it
+    as causal & padding). The queries of block [i, j) see no key at or after j, so each block
+    scores keys [0, j) only: the upper triangle's tiles are never computed, nor is their part of
+    the mask select materialised (10 of 16 tiles at T = 512). The skipped keys are all masked, so
+    the softmax is the same; only rows with every key masked (left padding) spread their uniform
+    weights over fewer keys, and nothing reads those rows. At SmolLM2's size (B4 x 512, one layer,
+    float32, 2-core CPU) the forward went from 95 to 43 ms and its gradient from 203 to 114 ms.
+    """
+    t = q.shape[1]
+    outs = []
+    for start in range(0, t, _CAUSAL_BLOCK):
+        end = min(start + _CAUSAL_BLOCK, t)
+        scores = _scores(q[:, start:end], k[:, :end], mask[:, start:end, :end], head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v[:, :end]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def _attend_one_token(q, k, v, past, head_dim: int):
@@ -332,31 +363,42 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), k, v
 
 
-def _remat_block(layer: Block, x, positions, inv_freq, mask):
-    """A block whose activations are recomputed in the backward pass instead of stored.
+def _remat_block(layer: Block, x, positions, inv_freq, mask, remat: str):
+    """A block whose activations are (partly) recomputed in the backward pass, per `remat`.
 
-    Only the block's input [B, T, D] is kept per layer. Otherwise the backward holds every
+    "block" keeps only the block's input [B, T, D] per layer. Otherwise the backward holds every
     layer's attention scores and probabilities ([B, K, G, T, T] float32 each): at SmolLM2's size,
     a B8 x 1024-token update needed 40 GB of temporaries. The price is a second forward through
-    each block; forward-only calls (prefill, evaluation) are unaffected, as remat changes nothing
-    without a gradient. On XLA:CPU this needs the memory-aware scheduler (toolr1_jax/__init__.py):
-    the default one runs every block's recomputation at once and keeps them all alive.
+    each block. "dots" also keeps the outputs of the block's matmuls (projections and MLP; at
+    SmolLM2's size ~0.7 MB per token), so the recomputation is only the cheap elementwise work and
+    attention; "none" keeps everything. Forward-only calls (prefill, evaluation) are unaffected,
+    as remat changes nothing without a gradient. On XLA:CPU this needs the memory-aware scheduler
+    (toolr1_jax/__init__.py): the default one runs every block's recomputation at once and keeps
+    them all alive.
     """
     graphdef, state = nnx.split(layer)
 
-    @jax.checkpoint
     def run(state, x):
         return nnx.merge(graphdef, state)(x, positions, inv_freq, mask)[0]
 
-    return run(state, x)
+    if remat == "none":
+        return run(state, x)
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+    return jax.checkpoint(run, policy=policy)(state, x)
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. Parameters are created in `dtype`, which is also the compute dtype."""
+    """Decoder-only LM. Parameters are created in `dtype`, which is also the compute dtype.
+
+    `remat` (one of REMAT_POLICIES, a static attribute: set it before `nnx.split`) says what a
+    gradient through the model stores and what it recomputes; see `_remat_block`. "block" is the
+    least memory; "dots" trades ~0.7 MB per token at SmolLM2's size for a faster backward.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
+        self.remat = "block"
         self.embed_vd = _param(
             rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype
         )
@@ -401,7 +443,7 @@ class Transformer(nnx.Module):
             x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
             inv_freq = rope_inv_freq(self.config)
             for layer in self.layers:
-                x = _remat_block(layer, x, positions, inv_freq, mask)
+                x = _remat_block(layer, x, positions, inv_freq, mask, self.remat)
             return self.final_norm(x), None
 
         hidden, k, v = self._hidden_states_and_kv(tokens, positions, cache, attn_mask)

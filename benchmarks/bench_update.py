@@ -32,6 +32,7 @@ import transformers
 from flax import nnx
 
 from toolr1_jax import update
+from toolr1_jax.models import model as model_lib
 from toolr1_jax.models import params as params_lib
 
 LOSS = update.LossConfig(
@@ -56,7 +57,7 @@ def parse_args():
     p.add_argument(
         "--remat",
         default="block",
-        choices=("block", "dots", "none"),
+        choices=model_lib.REMAT_POLICIES,
         help="what the JAX backward recomputes (optim.remat); PyTorch recomputes nothing",
     )
     p.add_argument("--steps", type=int, default=1, help="timed steps per repeat")

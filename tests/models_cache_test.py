@@ -109,6 +109,6 @@ def test_blocked_causal_attention_matches_one_softmax_over_all_keys(loaded):
     (blocked_grads, blocked), (cached_grads, cached) = grad(state, False), grad(state, True)
     real = np.asarray(mask)
     assert float(jnp.max(jnp.abs(blocked - cached)[real])) <= 1e-5
-    for g1, g2 in zip(jax.tree.leaves(blocked_grads), jax.tree.leaves(cached_grads)):
+    for g1, g2 in zip(jax.tree.leaves(blocked_grads), jax.tree.leaves(cached_grads), strict=True):
         scale = max(float(jnp.max(jnp.abs(g2))), 1.0)
         assert float(jnp.max(jnp.abs(g1 - g2))) <= 1e-5 * scale

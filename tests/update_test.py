@@ -101,8 +101,7 @@ def test_accumulation_over_4_microbatches_equals_full_batch():
         np.testing.assert_allclose(m_acc[k], m_full[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-
-def test_remat_policies_give_the_same_gradients_and_trade_memory():
+def test_remat_policies_give_the_same_gradients_and_differ_in_recomputation():
     """optim.remat changes what the backward recomputes, never the gradient: "dots" and "none"
     equal "block" (the default), and the compiled programs show the recomputation: "block" runs
     each block's matmuls again in the backward, "dots" only attention's, "none" nothing."""

@@ -235,10 +235,10 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, inv_freq, mask, past=None):
         """Attention output [B, T, D] and the new tokens' keys and values [B, T, K, H].
 
-        x: [B, T, D]; mask [B, T, T] says which new tokens each new token sees (causal: none sees a
-        later one). `past`, if given,
-        is (keys [B, S, K, H], values, mask [B, 1 or T, S]): cached entries attended to jointly
-        with the new tokens (one softmax over both), read but never written here.
+        x: [B, T, D]; mask [B, T, T] says which new tokens each new token sees (causal: none sees
+        a later one). `past`, if given, is (keys [B, S, K, H], values, mask [B, 1 or T, S]):
+        cached entries attended to jointly with the new tokens (one softmax over both), read but
+        never written here.
         """
         cfg = self.config
         q = _dense(x, self.wq_dnh[...])  # [B, T, N, H]
@@ -308,7 +308,7 @@ def _causal_attention(q, k, v, mask, head_dim: int):
         scores = _scores(q[:, start:end], k[:, :end], mask[:, start:end, :end], head_dim)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v[:, :end]))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=1)
 
 
 def _attend_one_token(q, k, v, past, head_dim: int):
@@ -370,7 +370,7 @@ def _remat_block(layer: Block, x, positions, inv_freq, mask, remat: str):
     layer's attention scores and probabilities ([B, K, G, T, T] float32 each): at SmolLM2's size,
     a B8 x 1024-token update needed 40 GB of temporaries. The price is a second forward through
     each block. "dots" also keeps the outputs of the block's matmuls (projections and MLP; at
-    SmolLM2's size ~0.7 MB per token), so the recomputation is only the cheap elementwise work and
+    SmolLM2's size ~0.56 MB per token), so the recomputation is only the cheap elementwise work and
     attention; "none" keeps everything. Forward-only calls (prefill, evaluation) are unaffected,
     as remat changes nothing without a gradient. On XLA:CPU this needs the memory-aware scheduler
     (toolr1_jax/__init__.py): the default one runs every block's recomputation at once and keeps
@@ -392,7 +392,7 @@ class Transformer(nnx.Module):
 
     `remat` (one of REMAT_POLICIES, a static attribute: set it before `nnx.split`) says what a
     gradient through the model stores and what it recomputes; see `_remat_block`. "block" is the
-    least memory; "dots" trades ~0.7 MB per token at SmolLM2's size for a faster backward.
+    least memory; "dots" trades ~0.56 MB per token at SmolLM2's size for a faster backward.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):

@@ -43,6 +43,10 @@ def test_demo_short_smollm2_sft_then_grpo(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_run(workdir, proc.stdout)
+    # Without a terminal, the log shows each stage as it ends: every SFT step, every evaluation.
+    for line in ("SFT step 1/6: loss", "SFT step 6/6: loss", "eval_init at step 0: accuracy"):
+        assert line in proc.stderr, line
+    assert "eval at step 0: accuracy" in proc.stderr and "eval at step 2: accuracy" in proc.stderr
 
 
 def check_run(workdir: pathlib.Path, stdout: str) -> None:

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,9 @@ def test_a_run_without_a_terminal_logs_each_step_and_queue_metrics(reference_run
         assert line is not None, log_text[-3000:]
         for figure in ("accuracy", "loss", "queue", "fresh", "replayed", "rollout", "update"):
             assert figure in line, line
+    # The evaluation says when it starts and what it measured.
+    assert "eval at step 3: 4 held-out questions" in log_text, log_text[-3000:]
+    assert re.search(r"eval at step 3: accuracy \d\.\d{3} \(level_1 \d\.\d{3}", log_text)
     rows = _metrics(reference_run)
     for step in (1, 2, 3):
         queue = {k: v for k, v in rows[step].items() if k.startswith("queue/")}

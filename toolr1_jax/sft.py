@@ -335,6 +335,9 @@ async def cold_start(
         seed=config.seed,
         mesh=mesh,
         num_microbatches=config.num_microbatches,
+        on_metrics=lambda step, m: _log.info(
+            "SFT step %d/%d: loss %.3f, %.1f s.", step + 1, config.num_steps, m["loss"], m["step_s"]
+        ),
     )
     _log.info(
         "SFT: %d steps on %d demonstrations (skipped %s), loss %.3f -> %.3f.",

@@ -655,6 +655,14 @@ async def _evaluate(parts: _Parts, at_step: int, prefix: str) -> dict[str, float
     """Greedy episodes on the eval split, each process running its share; logged under
     `prefix/` and written to `prefix/step_N/`."""
     config = parts.config
+    t0 = time.perf_counter()
+    log.info(
+        "%s at step %d: %d held-out questions x %d sample(s)...",
+        prefix,
+        at_step,
+        len(parts.eval_examples),
+        config.log.num_eval_samples,
+    )
     result = await evaluation.evaluate(
         parts.eval_examples,
         engine=parts.engine,
@@ -684,6 +692,16 @@ async def _evaluate(parts: _Parts, at_step: int, prefix: str) -> dict[str, float
             len(rs), 1
         )
     parts.writer.write(at_step, eval_metrics)
+    if "accuracy" in result.metrics:  # not when the split's answers are hidden
+        by_level = sorted(k for k in eval_metrics if k.startswith(f"{prefix}/accuracy/level_"))
+        log.info(
+            "%s at step %d: accuracy %.3f (%s), %.0f s.",
+            prefix,
+            at_step,
+            result.metrics["accuracy"],
+            ", ".join(f"{k.rsplit('/', 1)[1]} {eval_metrics[k]:.3f}" for k in by_level),
+            time.perf_counter() - t0,
+        )
     if parts.is_main:
         evaluation.write_outputs(result, str(parts.workdir / prefix / f"step_{at_step}"))
     return eval_metrics
@@ -759,7 +777,8 @@ class _Writer:
         if not self.enabled:
             return
         for k, v in metrics.items():
-            self._tb.add_scalar(k, v, step)
+            # TensorBoard's tag names have no '@' (pass@k); the JSONL keeps the names as they are.
+            self._tb.add_scalar(k.replace("@", "_at_"), v, step)
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
 

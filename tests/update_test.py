@@ -289,3 +289,108 @@ def test_check_finite_names_the_step_the_metric_and_the_last_good_checkpoint():
             metrics = {"loss": 0.5, "grad_norm": 2.0, key: bad}
             with pytest.raises(update.NonFiniteError, match=f"GRPO step 7: {key} is {bad}"):
                 update.check_finite(metrics, where="GRPO step 7", last_good="/ckpt/6")
+
+
+def test_make_batch_packs_sequences_into_the_first_microbatches():
+    trajs = [_traj(5, "answered"), _traj(7, "max_tokens"), _traj(3, "parse_error")]
+    batch = update.make_batch(
+        trajs,
+        batch_size=4,
+        max_len=8,
+        advantages=[1.5, -0.5, 0.25],
+        drop_truncated=True,
+        pack=True,
+        num_microbatches=2,
+    )
+    # First fit, longest first: [7] and [5, 3]. Micro-batch 0 is rows 0 and 2 (rows j, j + M).
+    np.testing.assert_array_equal(batch.segment_ids[0], [1, 1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(batch.segment_ids[2], [1, 1, 1, 1, 1, 2, 2, 2])
+    assert not batch.attn_mask[1].any() and not batch.attn_mask[3].any()
+    np.testing.assert_array_equal(batch.attn_mask, batch.segment_ids > 0)
+    np.testing.assert_array_equal(batch.tokens[2], [*trajs[0].tokens, *trajs[2].tokens])
+    np.testing.assert_array_equal(batch.positions[2], [0, 1, 2, 3, 4, 0, 1, 2])
+    np.testing.assert_array_equal(batch.advantages[2], [1.5] * 5 + [0.25] * 3)
+    np.testing.assert_array_equal(batch.advantages[0, :7], [-0.5] * 7)
+    # Loss tokens: each sequence's own, never its first; the truncated one has none.
+    np.testing.assert_array_equal(batch.loss_mask[2], [0, 0, 1, 1, 1, 0, 0, 1])
+    assert not batch.loss_mask[0].any()
+    np.testing.assert_array_equal(batch.behaviour_logprobs[2, 5:], trajs[2].behaviour_logprobs)
+
+
+def _ragged_trajectories(n, max_len, seed):
+    rng = np.random.default_rng(seed)
+    trajs = []
+    for i in range(n):
+        length = int(rng.integers(4, max_len // 2 + 3))
+        prompt = int(rng.integers(1, 4))
+        trajs.append(
+            data_types.Trajectory(
+                task_id=f"t{i}",
+                group_id=i // 4,
+                tokens=rng.integers(0, 64, length).astype(np.int32),
+                loss_mask=(np.arange(length) >= prompt).astype(np.int32),
+                behaviour_logprobs=np.where(
+                    np.arange(length) >= prompt, rng.uniform(-4.0, -0.5, length), 0.0
+                ).astype(np.float32),
+                prompt_len=prompt,
+                policy_version=0,
+                turns=(),
+                final_answer=None,
+                status="answered",
+                reward=float(i % 2),
+            )
+        )
+    return trajs, rng.normal(size=n).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+)
+def test_packed_batch_gives_the_unpacked_loss_and_gradients(aggregation):
+    """Sequences packed several to a row attend only within their segment, restart their
+    positions and keep their advantages, so loss, metrics and gradients are the one-per-row
+    batch's; the packed batch fills half the micro-batches and the step skips the rest."""
+    graphdef, state = tiny_model()
+    trajs, adv = _ragged_trajectories(8, 24, seed=3)
+    loss = update.LossConfig(**{**LOSS.__dict__, "aggregation": aggregation})
+    grad_fn = update.make_grad_fn(graphdef, loss, num_microbatches=4, chunk_size=5)
+    kwargs = dict(batch_size=8, max_len=24, advantages=adv)
+    plain = update.make_batch(trajs, **kwargs)
+    packed = update.make_batch(trajs, **kwargs, pack=True, num_microbatches=4)
+    used = np.flatnonzero(packed.attn_mask.any(1))
+    assert len(used) <= 4 and set(used % 4) <= {0, 1}, used  # micro-batches 0 and 1 only
+    ref = ref_params(state)
+    g_plain, m_plain = grad_fn(state, plain, ref)
+    g_packed, m_packed = grad_fn(state, packed, ref)
+    assert (
+        m_packed["num_tokens"] == m_plain["num_tokens"] == sum(t.loss_mask[1:].sum() for t in trajs)
+    )
+    for k in m_plain:
+        np.testing.assert_allclose(m_packed[k], m_plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(g_packed), jax.tree.leaves(g_plain), strict=True
+    ):
+        assert np.abs(np.asarray(b)).max() > 0, path
+        assert max_rel_err(a, b) <= 1e-5, (jax.tree_util.keystr(path), max_rel_err(a, b))
+
+
+def test_the_update_loop_runs_only_the_microbatches_that_hold_tokens():
+    m, rows, length = 4, 2, 3
+    attn = np.zeros((m, rows, length), bool)
+    attn[0, 1, :2] = attn[2, 0, 0] = True  # micro-batches 0 and 2 hold tokens, 1 and 3 do not
+    mbs = update.Batch(
+        tokens=np.zeros((m, rows, length), np.int32),
+        positions=np.zeros((m, rows, length), np.int32),
+        attn_mask=attn,
+        loss_mask=attn.astype(np.float32),
+        behaviour_logprobs=np.zeros((m, rows, length), np.float32),
+        advantages=np.zeros((m, rows), np.float32),
+    )
+
+    def body(trips, mb):
+        return trips + 1, {"num_tokens": mb.attn_mask.sum().astype(np.float32)}
+
+    loop = jax.jit(lambda mbs: update._loop_over_microbatches(body, np.int32(0), mbs, m))
+    trips, stacked = loop(mbs)
+    assert int(trips) == 2
+    np.testing.assert_array_equal(stacked["num_tokens"], [2, 0, 1, 0])

@@ -211,6 +211,7 @@ def grpo_loss(
     kl_estimator: str,
     aggregation: str,
     entropy=None,
+    segment_ids=None,
 ):
     """Decoupled clipped GRPO objective: returns `(loss_sum, denominator, metrics)`.
 
@@ -224,7 +225,9 @@ def grpo_loss(
       seq_mean_token_sum_norm:  sum over sequences of (token sum / T) / number of sequences,
                                 T the padded length (Dr. GRPO's constant normaliser)
     Sequences without loss tokens do not count. All per-token arrays are [B, T]; `advantages`
-    is [B] (one per sequence) or [B, T]; `ref_logp` may be None when `beta == 0`.
+    is [B] (one per sequence) or [B, T]; `ref_logp` may be None when `beta == 0`. With
+    `segment_ids` [B, T] (int, 0 padding) a row packs several sequences and the "sequences"
+    above are its segments; None means one per row.
     Metrics are token means over the masked tokens, except `*_min`/`*_max`, and `num_tokens`.
     """
     if aggregation not in AGGREGATIONS:
@@ -279,9 +282,17 @@ def grpo_loss(
         if beta > 0:
             per_token = per_token + beta * kl
 
-    tokens_per_seq = mask.sum(axis=-1)  # [B]
+    if segment_ids is None:
+        tokens_per_seq = mask.sum(axis=-1)  # [B]
+        seq_sums = (per_token * mask).sum(axis=-1)
+    else:  # one sum per (row, segment): ids row * (T + 1) + segment are distinct
+        b, t = mask.shape
+        ids = (jnp.arange(b)[:, None] * (t + 1) + segment_ids).reshape(-1)
+        tokens_per_seq = jax.ops.segment_sum(mask.reshape(-1), ids, num_segments=b * (t + 1))
+        seq_sums = jax.ops.segment_sum(
+            (per_token * mask).reshape(-1), ids, num_segments=b * (t + 1)
+        )
     num_seqs = (tokens_per_seq > 0).sum().astype(f32)
-    seq_sums = (per_token * mask).sum(axis=-1)  # [B]
     if aggregation == "token_mean":
         loss_sum, denominator = seq_sums.sum(), tokens_per_seq.sum()
     elif aggregation == "seq_mean_token_mean":

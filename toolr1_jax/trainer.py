@@ -532,8 +532,8 @@ def _update_queue(parts: _Parts, state: _State, chosen, scored) -> tuple[list[li
 
 
 def _update(parts: _Parts, state: _State, groups) -> tuple[dict[str, float], float]:
-    """Advantages, one fixed-shape batch, `grpo.updates_per_batch` optimizer steps; the engine
-    then samples from the new params. Stops the run on a non-finite loss or gradient norm."""
+    """Advantages, one fixed-shape batch of packed episodes, `grpo.updates_per_batch` optimizer
+    steps; the engine then samples from the new params. Stops the run on a non-finite loss or gradient norm."""
     t0 = time.perf_counter()
     g = parts.config.grpo
     trajs = [t for group in groups for t in group]
@@ -550,6 +550,9 @@ def _update(parts: _Parts, state: _State, groups) -> tuple[dict[str, float], flo
         max_len=parts.config.agent.max_total_tokens,
         advantages=advantages,
         drop_truncated=g.drop_truncated,
+        # Several episodes to a row: the step skips the micro-batches packing leaves empty.
+        pack=True,
+        num_microbatches=parts.config.optim.num_microbatches,
     )
     # The batch, built identically on every process, as a global array sharded over the batch
     # axes: each process fills only its own devices' rows.

@@ -88,6 +88,7 @@ class LossConfig:
             kl_estimator=self.kl_estimator,
             aggregation=self.aggregation,
             entropy=entropy,
+            segment_ids=mb.segment_ids,
         )
 
     def combine(self, stacked, denominator):
@@ -141,6 +142,9 @@ class Batch:
     behaviour_logprobs: jax.Array  # [B, L] float32, the sampler's log-probs (0 elsewhere)
     advantages: jax.Array  # [B] or [B, L] float32
     prox_logprobs: jax.Array | None = None  # [B, L] float32
+    # [B, L] int32 when rows pack several sequences (`make_batch(pack=True)`): 1, 2, ... per
+    # sequence, 0 for padding. None: one sequence per row.
+    segment_ids: jax.Array | None = None
 
 
 def _decays(v: nnx.Variable) -> bool:
@@ -220,8 +224,11 @@ def combine_metrics(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
         if k == "num_tokens":
             out[k] = total
         elif k in grpo.MIN_METRICS or k in grpo.MAX_METRICS:
-            # A min/max over no tokens at all (every row masked) is reported as 0, not +-inf.
-            extreme = v.min() if k in grpo.MIN_METRICS else v.max()
+            # Over the micro-batches with tokens; over none at all it is reported as 0, not +-inf.
+            if k in grpo.MIN_METRICS:
+                extreme = jnp.where(n > 0, v, jnp.inf).min()
+            else:
+                extreme = jnp.where(n > 0, v, -jnp.inf).max()
             out[k] = jnp.where(total > 0, extreme, 0.0)
         else:
             out[k] = (v * n).sum() / jnp.maximum(total, 1.0)
@@ -238,7 +245,7 @@ def _make_grads(graphdef, loss, num_microbatches: int, mesh, chunk_size: int):
             model,
             mb.tokens,
             mb.positions,
-            mb.attn_mask,
+            mb.attn_mask if mb.segment_ids is None else mb.segment_ids,
             loss.temperature,
             chunk_size=chunk_size,
             stat=stat,
@@ -281,15 +288,21 @@ def _make_grads(graphdef, loss, num_microbatches: int, mesh, chunk_size: int):
 
 
 def _loop_over_microbatches(body, init, mbs, num_microbatches: int):
-    """`jax.lax.scan(body, init, mbs)` whose loop XLA keeps even for one micro-batch.
+    """`jax.lax.scan(body, init, mbs)` over the micro-batches that hold a real token.
+
+    Micro-batches of padding only are skipped, so a batch whose rows were packed into the first
+    micro-batches (`make_batch(pack=True, ...)`) costs what its tokens need; their metrics stay
+    zero, and `combine_metrics` counts them as micro-batches without tokens.
 
     The loop boundary is what keeps the update's memory at one micro-batch's activations: XLA
     removes a loop of one trip, and in the flat program that leaves, the optimizer's global-norm
     clipping let XLA:CPU keep every layer's recomputed activations alive at once (15 GiB of
-    temporaries for a SmolLM2-size B8 x 1024 step, against 1.6 GiB with two micro-batches). A
-    trip count hidden behind an optimization barrier is not a constant, so the loop stays.
+    temporaries for a SmolLM2-size B8 x 1024 step, against 1.6 GiB with two micro-batches). The
+    trip count, read from the batch, is not a constant, so the loop stays.
     """
-    trips = jax.lax.optimization_barrier(jnp.int32(num_microbatches))
+    mask = mbs.attn_mask
+    active = jnp.any(mask, axis=tuple(range(1, mask.ndim)))  # [M]
+    order = jnp.argsort(~active, stable=True)  # the active micro-batches first, in order
     first = jax.tree.map(lambda x: x[0], mbs)
     _, metrics_shape = jax.eval_shape(body, init, first)
     stacked = jax.tree.map(
@@ -298,14 +311,15 @@ def _loop_over_microbatches(body, init, mbs, num_microbatches: int):
 
     def step(i, carry):
         acc, stacked = carry
-        mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), mbs)
+        j = order[i]
+        mb = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, j, keepdims=False), mbs)
         acc, metrics = body(acc, mb)
         stacked = jax.tree.map(
-            lambda s, m: jax.lax.dynamic_update_index_in_dim(s, m, i, axis=0), stacked, metrics
+            lambda s, m: jax.lax.dynamic_update_index_in_dim(s, m, j, axis=0), stacked, metrics
         )
         return acc, stacked
 
-    return jax.lax.fori_loop(0, trips, step, (init, stacked))
+    return jax.lax.fori_loop(0, active.sum(), step, (init, stacked))
 
 
 def _replicated_unless_named(tree, mesh):
@@ -490,44 +504,96 @@ def make_batch(
     max_len: int,
     advantages: Sequence[float] | None = None,
     drop_truncated: bool = False,
+    pack: bool = False,
+    num_microbatches: int = 1,
 ) -> Batch:
-    """Right-pads trajectories into a host `Batch` [batch_size, max_len], one row each.
+    """Right-pads trajectories into a host `Batch` [batch_size, max_len].
 
     Padding rows and positions have `attn_mask` False and `loss_mask` 0, so a fixed shape (one
-    compiled step) costs nothing in the loss. `advantages` gives each row's (zeros when None:
-    SFT reads none); with `drop_truncated` the rows of episodes a limit cut short
+    compiled step) costs nothing in the loss. `advantages` gives each trajectory's (zeros when
+    None: SFT reads none); with `drop_truncated` the rows of episodes a limit cut short
     (`TRUNCATED_STATUSES`) keep their tokens but lose their loss mask.
+
+    One trajectory per row, in order; or with `pack`, as many per row as fit (first fit, longest
+    first), each its own segment (`segment_ids`; positions restart at 0, advantages per token),
+    and the used rows placed so that they fill the update's first micro-batches: micro-batch j
+    of `num_microbatches` holds rows j, j + M, ... (`_microbatches`), and the step skips those
+    that hold padding only. Episodes of ~500 tokens with a 1024-token budget then need half the
+    rows. Attention never crosses segments, so the loss and gradients are those of the unpacked
+    batch (`grpo_loss`'s per-sequence aggregations read the segments).
     """
     if len(trajectories) > batch_size:
         raise ValueError(f"{len(trajectories)} trajectories do not fit batch_size {batch_size}.")
-    tokens = np.zeros((batch_size, max_len), np.int32)
-    attn = np.zeros((batch_size, max_len), bool)
-    loss_mask = np.zeros((batch_size, max_len), np.float32)
-    behaviour = np.zeros((batch_size, max_len), np.float32)
-    adv = np.zeros((batch_size,), np.float32)
-    if advantages is not None:
-        adv[: len(trajectories)] = advantages
-    for row, t in enumerate(trajectories):
-        n = len(t.tokens)
-        if n > max_len:
+    for t in trajectories:
+        if len(t.tokens) > max_len:
             raise ValueError(
-                f"Trajectory {t.task_id} has {n} tokens, more than max_len {max_len}; "
+                f"Trajectory {t.task_id} has {len(t.tokens)} tokens, more than max_len {max_len}; "
                 "raise max_len (or filter demonstrations by AgentConfig.max_total_tokens)."
             )
-        tokens[row, :n] = t.tokens
-        attn[row, :n] = True
-        if not (drop_truncated and t.status in TRUNCATED_STATUSES):
-            loss_mask[row, :n] = t.loss_mask
-        behaviour[row, :n] = t.behaviour_logprobs
-    positions = np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch_size, max_len))
+    adv = np.zeros((len(trajectories),), np.float32)
+    if advantages is not None:
+        adv[:] = advantages
+    if pack:
+        if batch_size % num_microbatches:
+            raise ValueError(f"batch_size {batch_size} is not divisible by {num_microbatches}.")
+        bins = _first_fit(
+            [len(t.tokens) for t in trajectories], max_len
+        )  # bins[i]: trajectory indices of packed row i
+        rows_per_mb = batch_size // num_microbatches
+        row_of = [(i % rows_per_mb) * num_microbatches + i // rows_per_mb for i in range(len(bins))]
+    else:
+        bins = [[i] for i in range(len(trajectories))]
+        row_of = list(range(len(trajectories)))
+    tokens = np.zeros((batch_size, max_len), np.int32)
+    positions = np.zeros((batch_size, max_len), np.int32)
+    segments = np.zeros((batch_size, max_len), np.int32)
+    loss_mask = np.zeros((batch_size, max_len), np.float32)
+    behaviour = np.zeros((batch_size, max_len), np.float32)
+    adv_tokens = np.zeros((batch_size, max_len), np.float32)
+    for members, row in zip(bins, row_of, strict=True):
+        start = 0
+        for segment, i in enumerate(members, start=1):
+            t = trajectories[i]
+            span = slice(start, start + len(t.tokens))
+            tokens[row, span] = t.tokens
+            positions[row, span] = np.arange(len(t.tokens))
+            segments[row, span] = segment
+            if not (drop_truncated and t.status in TRUNCATED_STATUSES):
+                loss_mask[row, span] = t.loss_mask
+            # A sequence's first token has no prediction (none is sampled: it is the prompt's).
+            loss_mask[row, start] = 0.0
+            behaviour[row, span] = t.behaviour_logprobs
+            adv_tokens[row, span] = adv[i]
+            start = span.stop
+    if not pack:  # the layout the unpacked step has always read
+        positions[:] = np.arange(max_len, dtype=np.int32)
+        row_adv = np.zeros((batch_size,), np.float32)
+        row_adv[: len(trajectories)] = adv
     return Batch(
         tokens=tokens,
-        positions=np.ascontiguousarray(positions),
-        attn_mask=attn,
+        positions=positions,
+        attn_mask=segments > 0,
         loss_mask=loss_mask,
         behaviour_logprobs=behaviour,
-        advantages=adv,
+        advantages=adv_tokens if pack else row_adv,
+        segment_ids=segments if pack else None,
     )
+
+
+def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing bin packing: bins of indices into `lengths`, each summing to at most
+    `capacity`; ties keep their order, so the packing is the same on every process."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, room in enumerate(free) if lengths[i] <= room), None)
+        if b is None:
+            bins.append([])
+            free.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        free[b] -= lengths[i]
+    return bins
 
 
 class NonFiniteError(FloatingPointError):

@@ -413,7 +413,9 @@ class Transformer(nnx.Module):
         """Logits [B, T, V] (compute dtype) and the updated cache.
 
         Without a cache: causal attention over the T tokens; `attn_mask` [B, T] marks real tokens
-        (padding, left or right, is masked out as keys).
+        (padding, left or right, is masked out as keys), or holds int segment ids for rows that
+        pack several sequences: 0 padding, and a token sees only earlier tokens of its own
+        segment (positions then restart at each segment's start).
         With a cache: row b's T new tokens are written at cache indices `lengths[b] + t` and
         attend to everything before them; `attn_mask` [B, T] marks which new tokens are real (they
         must be a prefix of the row: right padding). Only real tokens are written, so a row whose
@@ -438,8 +440,12 @@ class Transformer(nnx.Module):
             b, t = tokens.shape
             if attn_mask is None:
                 attn_mask = jnp.ones((b, t), jnp.bool_)
+            seg = attn_mask.astype(jnp.int32)  # a bool mask is one segment per row
             causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-            mask = causal[None] & attn_mask.astype(jnp.bool_)[:, None, :]  # [B, T, T]
+            # Real keys of the query's own segment; padding queries (nothing reads them) see
+            # every real key before them, as with a plain padding mask.
+            same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+            mask = causal[None] & same & (seg[:, None, :] > 0)  # [B, T, T]
             x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
             inv_freq = rope_inv_freq(self.config)
             for layer in self.layers:

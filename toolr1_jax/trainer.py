@@ -533,7 +533,8 @@ def _update_queue(parts: _Parts, state: _State, chosen, scored) -> tuple[list[li
 
 def _update(parts: _Parts, state: _State, groups) -> tuple[dict[str, float], float]:
     """Advantages, one fixed-shape batch of packed episodes, `grpo.updates_per_batch` optimizer
-    steps; the engine then samples from the new params. Stops the run on a non-finite loss or gradient norm."""
+    steps; the engine then samples from the new params. Stops the run on a non-finite loss or
+    gradient norm."""
     t0 = time.perf_counter()
     g = parts.config.grpo
     trajs = [t for group in groups for t in group]

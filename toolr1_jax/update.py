@@ -518,9 +518,9 @@ def make_batch(
     first), each its own segment (`segment_ids`; positions restart at 0, advantages per token),
     and the used rows placed so that they fill the update's first micro-batches: micro-batch j
     of `num_microbatches` holds rows j, j + M, ... (`_microbatches`), and the step skips those
-    that hold padding only. Episodes of ~500 tokens with a 1024-token budget then need half the
-    rows. Attention never crosses segments, so the loss and gradients are those of the unpacked
-    batch (`grpo_loss`'s per-sequence aggregations read the segments).
+    that hold padding only. Episodes under half the budget need about half the rows; episodes
+    over it cannot share one. Attention never crosses segments, so the loss and gradients are
+    those of the unpacked batch (`grpo_loss`'s per-sequence aggregations read the segments).
     """
     if len(trajectories) > batch_size:
         raise ValueError(f"{len(trajectories)} trajectories do not fit batch_size {batch_size}.")

@@ -241,13 +241,16 @@ def test_fully_masked_batch_gives_zero_gradient_and_finite_metrics():
         assert np.isfinite(v), (k, v)
 
 
-def _traj(n, status, reward=0.0, prompt_len=2):
+def _traj(n, status, reward=0.0, prompt_len=2, tokens=None, behaviour=-0.5):
+    """An episode of n tokens (default 1..n) whose first `prompt_len` are the prompt;
+    `behaviour` (a scalar or [n]) gives the sampled tokens' log-probs."""
+    sampled = np.arange(n) >= prompt_len
     return data_types.Trajectory(
         task_id=f"t{n}",
         group_id=0,
-        tokens=np.arange(1, n + 1, dtype=np.int32),
-        loss_mask=(np.arange(n) >= prompt_len).astype(np.int32),
-        behaviour_logprobs=np.where(np.arange(n) >= prompt_len, -0.5, 0.0).astype(np.float32),
+        tokens=np.arange(1, n + 1, dtype=np.int32) if tokens is None else tokens,
+        loss_mask=sampled.astype(np.int32),
+        behaviour_logprobs=np.where(sampled, behaviour, 0.0).astype(np.float32),
         prompt_len=prompt_len,
         policy_version=0,
         turns=(),
@@ -322,22 +325,14 @@ def _ragged_trajectories(n, max_len, seed):
     trajs = []
     for i in range(n):
         length = int(rng.integers(4, max_len // 2 + 3))
-        prompt = int(rng.integers(1, 4))
         trajs.append(
-            data_types.Trajectory(
-                task_id=f"t{i}",
-                group_id=i // 4,
-                tokens=rng.integers(0, 64, length).astype(np.int32),
-                loss_mask=(np.arange(length) >= prompt).astype(np.int32),
-                behaviour_logprobs=np.where(
-                    np.arange(length) >= prompt, rng.uniform(-4.0, -0.5, length), 0.0
-                ).astype(np.float32),
-                prompt_len=prompt,
-                policy_version=0,
-                turns=(),
-                final_answer=None,
-                status="answered",
+            _traj(
+                length,
+                "answered",
                 reward=float(i % 2),
+                prompt_len=int(rng.integers(1, 4)),
+                tokens=rng.integers(0, 64, length).astype(np.int32),
+                behaviour=rng.uniform(-4.0, -0.5, length),
             )
         )
     return trajs, rng.normal(size=n).astype(np.float32)

@@ -536,9 +536,8 @@ def make_batch(
     if pack:
         if batch_size % num_microbatches:
             raise ValueError(f"batch_size {batch_size} is not divisible by {num_microbatches}.")
-        bins = _first_fit(
-            [len(t.tokens) for t in trajectories], max_len
-        )  # bins[i]: trajectory indices of packed row i
+        # bins[i]: the trajectory indices of packed row i
+        bins = _first_fit([len(t.tokens) for t in trajectories], max_len)
         rows_per_mb = batch_size // num_microbatches
         row_of = [(i % rows_per_mb) * num_microbatches + i // rows_per_mb for i in range(len(bins))]
     else:

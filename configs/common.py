@@ -355,6 +355,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log.num_eval_samples = 1
     c.log.eval_temperature = 0.0  # 0 = greedy (pass@1); raise it for pass@k with k > 1
     c.log.progress_bar = True
+    # Every GRPO step's episodes (fresh and replayed, with rewards) to rollouts/step_N.jsonl.
+    c.log.save_rollouts = True
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize()

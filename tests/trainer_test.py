@@ -120,6 +120,27 @@ def test_debug_config_trains_three_steps(reference_run):
         np.testing.assert_array_equal(np.asarray(x), y)
 
 
+def test_each_step_saves_the_episodes_it_learned_from(reference_run):
+    rows = _metrics(reference_run)
+    for step in (1, 2, 3):
+        path = reference_run / "rollouts" / f"step_{step}.jsonl"
+        episodes = [json.loads(line) for line in path.read_text().splitlines()]
+        m = rows[step]
+        # The same episodes the step's metrics count: fresh, replayed and their mean reward.
+        assert sum(not e["replayed"] for e in episodes) == m["samples/fresh"]
+        assert sum(e["replayed"] for e in episodes) == m["samples/replayed"]
+        assert np.mean([e["reward"] for e in episodes]) == pytest.approx(m["reward/mean"])
+        for e in episodes:
+            assert e["step"] == step and e["question"] and e["turns"]
+            assert set(e["reward_components"]) >= {"answer"}
+            assert 0 < e["num_sampled_tokens"] <= e["num_tokens"] - e["prompt_len"]
+            # Fresh episodes come from the policy the step started with; replays from older ones.
+            if e["replayed"]:
+                assert e["policy_version"] < step - 1
+            else:
+                assert e["policy_version"] == step - 1
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir, reference_run):
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(

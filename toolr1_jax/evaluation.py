@@ -435,24 +435,19 @@ def merge_shards(shards: Sequence[EvalResult]) -> EvalResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def record_json(record: EvalRecord) -> dict[str, Any]:
-    """One line of trajectories.jsonl (token ids are left out; their counts are kept)."""
-    traj, ex = record.trajectory, record.example
+def episode_json(traj: data_types.Trajectory, example: data_types.Example) -> dict[str, Any]:
+    """An episode as one JSON line: its question, turns and outcome (token ids are left out;
+    their counts are kept). Evaluation and the trainer's rollout dump both write these."""
     return {
-        "task_id": ex.task_id,
-        "sample": record.sample,
+        "task_id": example.task_id,
         "group_id": traj.group_id,
-        "level": ex.level,
-        "question": ex.question,
-        "reference": ex.answer,
-        "files": sorted(ex.files),
+        "level": example.level,
+        "family": example.metadata.get("family"),
+        "question": example.question,
+        "reference": example.answer,
+        "files": sorted(example.files),
         "final_answer": traj.final_answer,
         "status": traj.status,
-        "correct": record.correct,
-        "judge_score": record.judge_score,
-        "judge_rationale": record.judge_rationale,
-        "judge_error": record.judge_error,
-        "num_tool_calls": record.num_tool_calls,
         "num_tokens": len(traj.tokens),
         "num_sampled_tokens": int(traj.loss_mask.sum()),
         "prompt_len": traj.prompt_len,
@@ -467,6 +462,19 @@ def record_json(record: EvalRecord) -> dict[str, Any]:
             }
             for t in traj.turns
         ],
+    }
+
+
+def record_json(record: EvalRecord) -> dict[str, Any]:
+    """One line of trajectories.jsonl: the episode and its grade."""
+    return {
+        "sample": record.sample,
+        **episode_json(record.trajectory, record.example),
+        "correct": record.correct,
+        "judge_score": record.judge_score,
+        "judge_rationale": record.judge_rationale,
+        "judge_error": record.judge_error,
+        "num_tool_calls": record.num_tool_calls,
     }
 
 

@@ -79,6 +79,7 @@ async def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> di
                     "time/update_s": update_s,
                 }
                 _log_step(parts, state, metrics)
+                _save_rollouts(parts, state, groups)
                 if _due(state.step, config.ckpt.every_steps, config.total_steps):
                     parts.ckpt.save(state.step, *state.checkpoint(parts.mesh))
                 if _due(state.step, config.log.eval_every_steps, config.total_steps):
@@ -648,6 +649,23 @@ def _log_step(parts: _Parts, state: _State, metrics: dict[str, float]) -> None:
             metrics["time/judge_s"],
             metrics["time/update_s"],
         )
+
+
+def _save_rollouts(parts: _Parts, state: _State, groups) -> None:
+    """The step's episodes, as the update saw them, to `rollouts/step_N.jsonl`: what the policy
+    wrote, what it earned and whether the queue replayed it."""
+    if not (parts.config.log.save_rollouts and parts.is_main):
+        return
+    lines = []
+    for trajs in groups:
+        for t in trajs:
+            example = parts.questions[parts.index_of[t.task_id]]
+            line = {"step": state.step, **evaluation.episode_json(t, example)}
+            line.update(reward=t.reward, reward_components=t.reward_components, replayed=t.replayed)
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+    path = parts.workdir / "rollouts" / f"step_{state.step}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(lines), encoding="utf-8")
 
 
 def _due(step: int, every: int, last: int) -> bool:

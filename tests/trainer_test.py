@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo, gaia
+from configs import gaia
 from tests import helpers
-from toolr1_jax import build, models, trainer, update
-from toolr1_jax.data import synthetic
+from toolr1_jax import models, trainer, update
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Wall-clock and compile metrics differ between runs; everything else must match exactly.
@@ -140,28 +139,6 @@ def test_each_step_saves_the_episodes_it_learned_from(reference_run):
                 assert e["policy_version"] < step - 1
             else:
                 assert e["policy_version"] == step - 1
-
-
-def test_grpo_questions_leave_out_the_sft_demonstrations():
-    examples = synthetic.generate("train", 120, seed=0)
-    config = demo.get_config()
-    config.sft.levels, config.sft.num_demos = (1, 2, 3), 40
-    demos = trainer._sft_demos(config, examples)
-    questions = trainer._grpo_questions(config, examples)
-    assert len(demos) == 40 and {e.level for e in demos} == {1, 2, 3}
-    # Levels 2-3 only, none of them shown by SFT, and every other such question kept.
-    assert {e.level for e in questions} == {2, 3}
-    assert not {e.task_id for e in demos} & {e.task_id for e in questions}
-    shown_2_3 = sum(e.level in (2, 3) for e in demos)
-    assert len(questions) == sum(e.level in (2, 3) for e in examples) - shown_2_3
-    config.data.num_train = 5
-    assert trainer._grpo_questions(config, examples) == questions[:5]
-    # Without the cold start, no question is left out.
-    config.sft.enabled, config.data.num_train = False, 0
-    assert len(trainer._grpo_questions(config, examples)) == len(questions) + shown_2_3
-    config.sft.enabled, config.sft.num_demos = True, 1000
-    with pytest.raises(build.ConfigError, match="SFT demonstrations"):
-        trainer._grpo_questions(config, examples)
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, data_dir, reference_run):

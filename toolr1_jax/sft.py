@@ -294,17 +294,6 @@ def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
     )
 
 
-def choose_demos(
-    examples: Sequence[data_types.Example], *, levels: Sequence[int], num_demos: int
-) -> list[data_types.Example]:
-    """The examples whose reference solutions the cold start plays: the first `num_demos` that
-    have one, of `levels` (every level when empty). The trainer keeps them out of GRPO's
-    questions."""
-    levels = set(levels)
-    chosen = [e for e in examples if e.metadata.get("solution")]
-    return [e for e in chosen if not levels or e.level in levels][:num_demos]
-
-
 async def cold_start(
     examples: Sequence[data_types.Example],
     config: SFTConfig,
@@ -316,11 +305,11 @@ async def cold_start(
     state,
     mesh,
 ) -> tuple[nnx.State, dict[str, float]]:
-    """The trainer's SFT stage: plays the reference solutions of `examples` (`choose_demos`),
-    fits the policy to them with a fresh optimizer, and returns the new params (`state` is
-    donated) with the stage's metrics (`sft/*`)."""
+    """The trainer's SFT stage: plays the reference solutions of the first `num_demos` examples
+    that have one, fits the policy to them with a fresh optimizer, and returns the new params
+    (`state` is donated) with the stage's metrics (`sft/*`)."""
     t0 = time.perf_counter()
-    chosen = [e for e in examples if e.metadata.get("solution")]
+    chosen = [e for e in examples if e.metadata.get("solution")][: config.num_demos]
     demos, skipped = await demonstrations(
         chosen, tokenizer=tokenizer, pool=pool, agent_config=agent_config
     )

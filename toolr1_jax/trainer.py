@@ -209,7 +209,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
     if is_main:
         sharding.sync_processes("data_prepared")
     eval_examples = eval_examples[: config.data.num_eval or None]
-    questions = _grpo_questions(config, train_examples)
+    # GRPO's questions: the first data.num_train training examples (all when 0). A small pool is
+    # revisited, which is where the queue's replay and learnability ordering act. SFT
+    # demonstrations and the tokenizer draw on the whole split.
+    grpo_levels = set(config.data.grpo_levels)
+    questions = [e for e in train_examples if not grpo_levels or e.level in grpo_levels]
+    if not questions:
+        raise build.ConfigError(f"data.grpo_levels={config.data.grpo_levels}: no such question.")
+    questions = questions[: config.data.num_train or None]
     tools = build.tools(config)
 
     # Resume order (the first that exists wins; a later source is not read at all):
@@ -402,36 +409,6 @@ def _tokenizer(config, workdir, model_dir, train_examples, tools) -> tokenizer_l
     return tokenizer_lib.load_tokenizer(path)
 
 
-def _grpo_questions(config: ml_collections.ConfigDict, train_examples) -> list:
-    """GRPO's questions: the first `data.num_train` training examples (all when 0) of
-    `data.grpo_levels` that are not SFT demonstrations (GRPO is not handed questions whose
-    solutions the cold start showed). A small pool is revisited, which is where the queue's
-    replay and learnability ordering act."""
-    grpo_levels = set(config.data.grpo_levels)
-    shown = {e.task_id for e in _sft_demos(config, train_examples)}
-    questions = [
-        e
-        for e in train_examples
-        if (not grpo_levels or e.level in grpo_levels) and e.task_id not in shown
-    ]
-    if not questions:
-        raise build.ConfigError(
-            f"data.grpo_levels={config.data.grpo_levels}: no training question that is not one "
-            f"of the {len(shown)} SFT demonstrations (sft.num_demos)."
-        )
-    return questions[: config.data.num_train or None]
-
-
-def _sft_demos(config: ml_collections.ConfigDict, train_examples) -> list:
-    """The cold start's demonstrations (none without `sft.enabled`). They may come from other
-    levels than GRPO's questions (`sft.levels`, e.g. level 1 only to teach the turn format)."""
-    if not config.sft.enabled:
-        return []
-    return sft.choose_demos(
-        train_examples, levels=config.sft.levels, num_demos=config.sft.num_demos
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Cold-start SFT (fresh runs only: its checkpoint at step 0 keeps a resume from repeating it)
 # ---------------------------------------------------------------------------------------------
@@ -442,9 +419,13 @@ async def _cold_start(parts: _Parts, state: _State) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if config.log.eval_every_steps:
         await _evaluate(parts, 0, "eval_init")
+    # Demonstrations may come from other levels than GRPO's questions (e.g. level 1 only, to
+    # teach the turn format without handing GRPO's harder tasks their solutions).
+    sft_levels = set(config.sft.levels)
+    demos = [e for e in parts.train_examples if not sft_levels or e.level in sft_levels]
     # `state.params` is donated to the SFT steps; only the result is kept.
     state.params, sft_metrics = await sft.cold_start(
-        _sft_demos(config, parts.train_examples),
+        demos,
         build.sft_config(config),
         tokenizer=parts.tokenizer,
         pool=parts.pool,

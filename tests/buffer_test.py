@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import helpers
 from toolr1_jax import buffer, checkpoint, sharding
 from toolr1_jax.data import types as data_types
 
@@ -235,14 +236,7 @@ def test_after_warmup_inserts_and_replays_compile_nothing(sharded):
     mesh = sharding.make_mesh(data=jax.device_count(), fsdp=1, tensor=1) if sharded else None
     q = make_queue(per_question=2, max_replay=3, mesh=mesh)
     q.warmup()
-    compiles = []
-
-    def on_event(event, duration_s, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with helpers.backend_compiles() as compiles:
         # Every width of insert (1 to 5 rows, more than per_question), plans drawing 1 to 3
         # replays, and the signal restore of a flat group: the programs warmup compiled.
         for n in range(1, 6):
@@ -251,7 +245,5 @@ def test_after_warmup_inserts_and_replays_compile_nothing(sharded):
             assert q.plan(4, group_size, policy_version=1).replays
         flat = [traj(0.0, seed=90, task="q5"), traj(0.0, seed=91, task="q5")]
         assert q.restore_signal(4, flat, policy_version=1)[1].replayed
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_event)
     assert compiles == []
     assert cached(q, 4) == {53: 4.0, 54: 5.0}

@@ -154,15 +154,8 @@ def test_no_compilation_after_warmup_with_mixed_lengths(model, decode_rows):
     engine.warmup()
     # Per length bucket: prefill for one slot and for decode_rows slots, and decode; the copy.
     assert engine.num_compilations == 1 + 3 * len(engine.decode_lens) == 13
-    backend_compiles = []
-
-    def on_duration(event, duration_s, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            backend_compiles.append(duration_s)
-
     rng = np.random.default_rng(1)
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    try:
+    with helpers.backend_compiles() as backend_compiles:
         live = {}  # slot -> tokens in the slot (cache + pending)
         for _ in range(16):
             for _ in range(int(rng.integers(0, engine.num_free_slots + 1))):
@@ -185,7 +178,5 @@ def test_no_compilation_after_warmup_with_mixed_lengths(model, decode_rows):
                     del live[out.slot]
         for slot in live:
             engine.release(slot)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
     assert engine.num_compilations == 13
     assert backend_compiles == []

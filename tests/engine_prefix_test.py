@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests import engine_test
+from tests import engine_test, helpers
 from toolr1_jax import engine as engine_lib
 from toolr1_jax import sharding as sharding_lib
 
@@ -172,18 +172,9 @@ def test_no_compilation_after_warmup(engines):
     engine = engines(True, 4)
     engine.warmup()
     assert engine.num_compilations == 4  # prefill for 1 and for 4 rows, the copy, decode
-    backend_compiles = []
-
-    def on_duration(event, duration_s, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            backend_compiles.append(duration_s)
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    try:
+    with helpers.backend_compiles() as backend_compiles:
         _two_turns(engine, _prompts())
         engine.generate([[1, 2, 3]] * 5 + [[4]] * 3, engine_lib.SamplingParams(max_new_tokens=2))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
     assert engine.num_compilations == 4
     assert backend_compiles == []
 

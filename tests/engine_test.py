@@ -14,6 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
+from tests import helpers
 from toolr1_jax import engine as engine_lib
 from toolr1_jax import sharding as sharding_lib
 from toolr1_jax.models import model as model_lib
@@ -458,12 +459,6 @@ def test_no_compilation_after_warmup(engine):
     """After `warmup`, prompts of any length, appends of any length, any number of simultaneous
     appends, any decode chunk and any sharing of prompt prefixes compile nothing: the engine has
     exactly four programs."""
-    backend_compiles = []
-
-    def on_duration(event, duration_s, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            backend_compiles.append(duration_s)
-
     engine.warmup()
     # Prefill for one slot, prefill for decode_rows slots, the prefix copy, decode: all this
     # module's tests ever compiled.
@@ -481,8 +476,7 @@ def test_no_compilation_after_warmup(engine):
             seed=seed,
         )
 
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    try:
+    with helpers.backend_compiles() as backend_compiles:
         live = {}  # slot -> tokens in the slot (cache + pending)
         for round_index in range(12):
             # Fill 0..all free slots with prompts of 1..40 tokens (1 to 3 prefill chunks).
@@ -511,8 +505,6 @@ def test_no_compilation_after_warmup(engine):
             [shared + [1, 2], shared + [3], shared + [1, 2], shared + [4, 5, 6]],
             engine_lib.SamplingParams(max_new_tokens=3),
         )
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
     assert engine.num_compilations == 4
     assert backend_compiles == []
 

@@ -1,4 +1,5 @@
-"""Test fixtures shared across test files: tiny Hugging Face model and ChatML tokenizer dirs.
+"""Test fixtures shared across test files: tiny Hugging Face model and ChatML tokenizer dirs,
+and a compilation counter.
 
 Both are built from scratch and saved locally (tests never touch the network), in exactly the
 formats real checkpoints use, so they go through the same loading code as production weights.
@@ -6,10 +7,12 @@ formats real checkpoints use, so they go through the same loading code as produc
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -212,3 +215,19 @@ def train_cmd(config: str, workdir, data_dir, *overrides) -> list[str]:
         "--config.log.progress_bar=false",
         *overrides,
     ]
+
+
+@contextlib.contextmanager
+def backend_compiles() -> Iterator[list[float]]:
+    """Collects the duration of every XLA backend compilation in the process while open."""
+    durations: list[float] = []
+
+    def on_duration(event: str, duration_s: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            durations.append(duration_s)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        yield durations
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)

@@ -236,8 +236,10 @@ def tiny_model():
     return model_lib.Transformer(config, rngs=nnx.Rngs(0))
 
 
-def test_sequence_logprobs_matches_full_logits_and_gradient():
+@pytest.mark.parametrize("remat", ["block", "none"])  # the head recomputes or keeps its probs
+def test_sequence_logprobs_matches_full_logits_and_gradient(remat):
     model = tiny_model()
+    model.remat = remat
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, 61, (2, 11)), jnp.int32)
@@ -267,6 +269,30 @@ def test_sequence_logprobs_matches_full_logits_and_gradient():
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kept_head_probabilities_save_the_logits_recomputation():
+    """With keep_probs the head's backward runs its two gradient matmuls and no third one that
+    recomputes the logits; the gradients are the same."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(8, 37)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 10, 8)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 37, (2, 10)), jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(2, 10)), jnp.float32)
+    grads, matmuls = {}, {}
+    for keep in (False, True):
+
+        def loss(w, x, keep=keep):
+            lp, _ = grpo._next_token_stats(grpo._matmul_head, w, x, tokens, 0.7, 4, None, keep)
+            return jnp.sum(lp * weights)
+
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        grads[keep] = fn(w, x)
+        matmuls[keep] = fn.lower(w, x).compile().as_text().count(" dot(")
+    for a, b in zip(grads[True], grads[False], strict=True):
+        # The probabilities are formed two float32 ways: equal to rounding of the largest entry.
+        assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+    assert matmuls == {False: 4, True: 3}, matmuls
 
 
 @pytest.mark.parametrize("chunk_size", [3, 4, 11, 256])

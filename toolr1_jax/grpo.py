@@ -52,45 +52,50 @@ STATS = (None, "entropy", "argmax_hit")
 
 
 def _chunk_stats(head_fn: Callable, stat: str | None, w, xc, tc, temperature):
-    """(log-probs, statistic, log-normalisers) [B, C] of one chunk; see `_next_token_stats`."""
+    """(log-probs, statistic, log-normalisers) [B, C] and the probabilities [B, C, V] of one
+    chunk; see `_next_token_stats`. Callers that drop the probabilities leave XLA to remove them."""
     logits = head_fn(w, xc).astype(jnp.float32) / temperature  # [B, C, V]
-    # One exp pass serves both the normaliser and the entropy.
+    # One exp pass serves the normaliser, the entropy and the probabilities.
     top = logits.max(axis=-1, keepdims=True)
     e = jnp.exp(logits - top)
     total = e.sum(axis=-1)
     logz = top[..., 0] + jnp.log(total)
+    probs = e / total[..., None]
     # A one-hot product rather than a gather: it stays local when V is sharded over 'tensor'.
     # (Multiplying rather than selecting: XLA:CPU materialised the select's [B, C, V] zeros.)
     hit = jnp.arange(logits.shape[-1]) == tc[..., None]
     target_logit = jnp.sum(logits * hit, axis=-1)  # exact: one term times 1, the rest times 0
     lp = target_logit - logz
     if stat == "entropy":
-        return lp, logz - jnp.sum(e * logits, axis=-1) / total, logz
+        return lp, logz - jnp.sum(e * logits, axis=-1) / total, logz, probs
     if stat == "argmax_hit":  # the target has the largest logit (1.0) or not (0.0)
-        return lp, (target_logit >= top[..., 0]).astype(jnp.float32), logz
-    return lp, jnp.zeros_like(lp), logz
+        return lp, (target_logit >= top[..., 0]).astype(jnp.float32), logz, probs
+    return lp, jnp.zeros_like(lp), logz, probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunk_logprobs(head_fn: Callable, stat: str | None, w, xc, tc, temperature):
-    lp, ent, _ = _chunk_stats(head_fn, stat, w, xc, tc, temperature)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunk_logprobs(head_fn: Callable, stat: str | None, keep: bool, w, xc, tc, temperature):
+    lp, ent, _, _ = _chunk_stats(head_fn, stat, w, xc, tc, temperature)
     return lp, ent
 
 
-def _chunk_logprobs_fwd(head_fn, stat, w, xc, tc, temperature):
-    lp, ent, logz = _chunk_stats(head_fn, stat, w, xc, tc, temperature)
-    # Only the inputs and the log-normaliser are kept: the backward recomputes the logits (one
-    # matmul) instead of holding [B, C, V] floats per chunk until the backward pass.
-    return (lp, ent), (w, xc, tc, temperature, logz)
+def _chunk_logprobs_fwd(head_fn, stat, keep, w, xc, tc, temperature):
+    lp, ent, logz, probs = _chunk_stats(head_fn, stat, w, xc, tc, temperature)
+    # Either the probabilities are kept for the backward ([B, C, V] floats per chunk), or only
+    # the log-normaliser, and the backward recomputes the logits (one more head matmul).
+    kept = probs if keep else logz
+    return (lp, ent), (w, xc, tc, temperature, kept)
 
 
-def _chunk_logprobs_bwd(head_fn, stat, res, cts):
-    w, xc, tc, temperature, logz = res
+def _chunk_logprobs_bwd(head_fn, stat, keep, res, cts):
+    w, xc, tc, temperature, kept = res
     g = cts[0]  # The statistic is a metric: its cotangent is dropped (stop-gradient).
+    # With the probabilities kept, the head's output is unused and XLA drops its matmul: only
+    # the two gradient matmuls run.
     logits, head_vjp = jax.vjp(head_fn, w, xc)
     # d log p(target) / d z = onehot(target) - softmax(z), with z = logits / temperature.
-    p = jnp.exp(logits.astype(jnp.float32) / temperature - logz[..., None])
-    hit = jnp.arange(logits.shape[-1]) == tc[..., None]
+    p = kept if keep else jnp.exp(logits.astype(jnp.float32) / temperature - kept[..., None])
+    hit = jnp.arange(p.shape[-1]) == tc[..., None]
     dz = (hit - p) * (g / temperature)[..., None]
     dw, dx = head_vjp(dz.astype(logits.dtype))
     # The temperature is the sampler's, a constant here: no gradient flows to it.
@@ -100,14 +105,18 @@ def _chunk_logprobs_bwd(head_fn, stat, res, cts):
 _chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
 
 
-def _next_token_stats(head_fn: Callable, w, x, tokens, temperature, chunk_size: int, stat):
+def _next_token_stats(
+    head_fn: Callable, w, x, tokens, temperature, chunk_size: int, stat, keep_probs: bool = False
+):
     """Log-probs of `tokens` at their own positions from inputs x [B, T, ...], and a statistic
     of each position's distribution (`stat` in STATS; zeros for None), both [B, T] float32.
 
     `head_fn(w, x_chunk) -> logits [B, C, V]` runs on one chunk of C positions at a time, and
     the hand-written backward recomputes each chunk's logits, so neither pass holds [B, T, V]
-    whole. The fused gradient (onehot - softmax) also skips the elementwise passes that
-    autodiff of max/exp/log/select would add on [B, C, V].
+    whole; with `keep_probs` the forward keeps every chunk's probabilities for the backward
+    instead ([B, T, V] float32 held, one head matmul fewer). The fused gradient (onehot -
+    softmax) also skips the elementwise passes that autodiff of max/exp/log/select would add on
+    [B, C, V].
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
@@ -131,7 +140,7 @@ def _next_token_stats(head_fn: Callable, w, x, tokens, temperature, chunk_size: 
 
     def chunk(args):
         xc, tc = args
-        return _chunk_logprobs(head_fn, stat, w, xc, tc, temperature)
+        return _chunk_logprobs(head_fn, stat, keep_probs, w, xc, tc, temperature)
 
     lp, ent = jax.lax.map(chunk, (xs, ts))  # [n, B, C] each
 
@@ -146,9 +155,29 @@ def _identity_head(_, logits):
     return logits
 
 
+@jax.custom_vjp
 def _matmul_head(w, hidden):
     # 2-D, as in the model: XLA:CPU's weight gradient of a 3-D einsum is slow.
     return (hidden.reshape(-1, hidden.shape[-1]) @ w).reshape(*hidden.shape[:-1], w.shape[-1])
+
+
+def _matmul_head_fwd(w, hidden):
+    return _matmul_head(w, hidden), (w, hidden)
+
+
+def _matmul_head_bwd(res, g):
+    """The LM head's gradients. For the weight's, `x.T @ g` with the transpose left to XLA:CPU
+    folds it into the dot, which ran at half the matmul rate at V = 49k ([2048 x 576]^T x
+    [2048 x 49152]: 73 vs 150 GFLOP/s); the transpose made a buffer of its own (the barrier
+    keeps XLA from folding it back) costs little at [rows, D]."""
+    w, hidden = res
+    x = hidden.reshape(-1, hidden.shape[-1])
+    g = g.reshape(-1, g.shape[-1])
+    dw = jax.lax.optimization_barrier(x.T) @ g
+    return dw.astype(w.dtype), (g @ w.T).reshape(hidden.shape).astype(hidden.dtype)
+
+
+_matmul_head.defvjp(_matmul_head_fwd, _matmul_head_bwd)
 
 
 def token_logprobs(logits, tokens, temperature, *, chunk_size: int = 256):
@@ -177,10 +206,13 @@ def sequence_logprobs(
     Runs the trunk once and the LM head per chunk of `chunk_size` positions. With a `stat`
     returns `(logp, values)`, a stop-gradient statistic of the distribution each token was
     drawn from: "entropy", or "argmax_hit" (1.0 where the token is the most likely one).
+    A gradient through the head follows the model's `remat`: "none" keeps the probabilities
+    ([B, T, V] float32) rather than recompute the logits in the backward.
     """
     hidden, _ = model.hidden_states(tokens, positions, attn_mask=attn_mask)  # [B, T, D]
+    keep = model.remat == "none"
     lp, values = _next_token_stats(
-        _matmul_head, model.head_weight(), hidden, tokens, temperature, chunk_size, stat
+        _matmul_head, model.head_weight(), hidden, tokens, temperature, chunk_size, stat, keep
     )
     return lp if stat is None else (lp, values)
 

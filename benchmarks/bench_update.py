@@ -4,10 +4,11 @@ A random model at SmolLM2-135M's dimensions (`--preset=tiny` for a small one) is
 transformers, saved, and loaded into the JAX `Transformer`; both sides run the same update on the
 same batch: forward, temperature-scaled float32 log-probs, the decoupled clipped GRPO loss (token
 mean, capped importance weight), backward, global-norm clipping and AdamW with warmup. The first
-step's losses must agree. Each side is built and timed in a process of its own, the two in turn
-(`common.SideProcess`). Prints tokens/s of each and their ratio, the JAX step's model FLOP/s
-(6 x matmul parameters x tokens) over the float32 matmul throughput measured in the same run at
-the step's shapes, and the compiled program's temporary memory per token, last.
+step's losses must agree. The sides take turns of `--steps` steps each, and a turn's fastest
+step counts: on this box the first step after the other side's ran up to 14 s (45%) slower,
+whether the two sides shared a process or not. Prints tokens/s of each and their ratio, the JAX
+step's model FLOP/s (6 x matmul parameters x tokens) over the float32 matmul throughput measured
+in the same run at the step's shapes, and the compiled program's temporary memory per token, last.
 
   python benchmarks/bench_update.py                      # SmolLM2 size, batch 8 x 512 tokens
   python benchmarks/bench_update.py --tokens=1024 --microbatches=2
@@ -63,9 +64,7 @@ def parse_args():
         choices=model_lib.REMAT_POLICIES,
         help="what the JAX backward recomputes (optim.remat); PyTorch recomputes nothing",
     )
-    p.add_argument(
-        "--steps", type=int, default=2, help="steps per side and repeat (fastest counts)"
-    )
+    p.add_argument("--steps", type=int, default=2, help="steps per turn (the fastest counts)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each side")
     return common.resolve_model_args(p.parse_args())
 
@@ -127,52 +126,20 @@ def torch_step_fn(hf, batch, microbatches):
     return step
 
 
-def build_jax(workdir, args):
-    """The JAX side (in its own process): the compiled step and its first loss."""
-    model, _ = params_lib.load_pretrained(workdir, dtype=jnp.float32)
-    model.remat = args.remat
-    graphdef, state = nnx.split(model)
-    optimizer = update.make_optimizer(
-        LR, WARMUP_STEPS, TOTAL_STEPS, WEIGHT_DECAY, MAX_GRAD_NORM, end_lr_ratio=1.0
-    )
-    opt_state = optimizer.init(state)
-    step = update.make_train_step(
-        graphdef, optimizer, LOSS, num_microbatches=args.microbatches, chunk_size=args.chunk
-    )
-    jbatch = update.Batch(**{k: jnp.asarray(v) for k, v in make_batch(args).items()})
-    t0 = time.perf_counter()
-    # The first call would compile too; later calls reuse the program and donate their inputs.
-    step = step.lower(state, opt_state, jbatch).compile()
-    compile_s = time.perf_counter() - t0
-    memory = step.memory_analysis()
-    state, opt_state, metrics = step(state, opt_state, jbatch, None)
-
-    def run():
-        nonlocal state, opt_state
-        state, opt_state, m = step(state, opt_state, jbatch, None)
-        jax.block_until_ready(m)
-
-    info = {
-        "loss": float(metrics["loss"]),
-        "compile_s": compile_s,
-        "temp_bytes": memory.temp_size_in_bytes if memory is not None else float("nan"),
-    }
-    return info, run
-
-
-def build_torch(workdir, args):
-    """The PyTorch side (in its own process): the same weights, the same update."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32)
-    hf.config._attn_implementation = "sdpa"
-    hf.train()
-    step = torch_step_fn(hf, make_batch(args), args.microbatches)
-    return {"loss": step(), "threads": torch.get_num_threads()}, step
+def turn(step, steps):
+    """Seconds of each of `steps` calls of `step`."""
+    seconds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    return seconds
 
 
 def main():
     args = parse_args()
     print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, ")
-    print(f"torch {torch.__version__}; each side in a process of its own")
+    print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
     # Llama: SmolLM2's architecture (no attention biases).
     config = transformers.LlamaConfig(
         vocab_size=args.vocab,
@@ -187,45 +154,64 @@ def main():
         eos_token_id=None,
         pad_token_id=0,
     )
-    tokens_per_step = args.batch * args.tokens
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf.config._attn_implementation = "sdpa"
+    hf.train()
+    with tempfile.TemporaryDirectory() as workdir:
+        hf.save_pretrained(workdir)
+        model, _ = params_lib.load_pretrained(workdir, dtype=jnp.float32)
+    batch = make_batch(args)
+    tokens_per_step = int(batch["loss_mask"].size)
     print(
         f"model: {common.describe(args)}; batch {args.batch} x {args.tokens} tokens, "
         f"{args.microbatches} micro-batch(es), JAX remat {args.remat}"
     )
-    with tempfile.TemporaryDirectory() as workdir:
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
-            workdir
-        )
-        # One side at a time: neither's build (compilation, loading) overlaps the other's.
-        jax_side = common.SideProcess("jax", build_jax, workdir, args)
-        jax_info = jax_side.start()
-        torch_side = common.SideProcess("torch", build_torch, workdir, args)
-        torch_info = torch_side.start()
-    print(f"jax: compile {jax_info['compile_s']:.1f} s; torch: {torch_info['threads']} threads")
+
+    # JAX: the first call compiles; later calls reuse the program and donate their inputs.
+    model.remat = args.remat
+    graphdef, state = nnx.split(model)
+    optimizer = update.make_optimizer(
+        LR, WARMUP_STEPS, TOTAL_STEPS, WEIGHT_DECAY, MAX_GRAD_NORM, end_lr_ratio=1.0
+    )
+    opt_state = optimizer.init(state)
+    step = update.make_train_step(
+        graphdef, optimizer, LOSS, num_microbatches=args.microbatches, chunk_size=args.chunk
+    )
+    jbatch = update.Batch(**{k: jnp.asarray(v) for k, v in batch.items()})
+    t0 = time.perf_counter()
+    compiled = step.lower(state, opt_state, jbatch).compile()
+    print(f"jax: compile {time.perf_counter() - t0:.1f} s")
+    memory = compiled.memory_analysis()
+    step = compiled  # the same program; its calls donate state and opt_state too
+    state, opt_state, metrics = step(state, opt_state, jbatch, None)
+    jax_loss = float(metrics["loss"])
+
+    def jax_step():
+        nonlocal state, opt_state
+        state, opt_state, m = step(state, opt_state, jbatch, None)
+        jax.block_until_ready(m)
+
+    torch_step = torch_step_fn(hf, batch, args.microbatches)
+    torch_loss = torch_step()
+
     # Same loss on the same weights before any update (the token-mean counts positions 1..L-1
     # on both sides: position 0 has no prediction).
-    jax_loss, torch_loss = jax_info["loss"], torch_info["loss"]
     print(f"first-step loss: jax {jax_loss:.6f}, torch {torch_loss:.6f}")
     if not np.isclose(jax_loss, torch_loss, rtol=1e-3, atol=1e-5):
         raise SystemExit("The two implementations disagree on the loss; timings are meaningless.")
 
-    # Interleaved, so that both sides see the same background load on a shared machine; each
-    # turn's time is its fastest step (the first pays for the switch between processes), and
-    # the median of the per-repeat ratios is robust to a repeat that one side lost to other work.
+    # Interleaved, so that both sides see the same background load on a shared machine; the
+    # median of the per-repeat ratios is robust to a repeat that one side lost to other work.
     turns = {"jax": [], "torch": []}
     for _ in range(args.repeats):
-        turns["jax"].append(jax_side.time(args.steps))
-        turns["torch"].append(torch_side.time(args.steps))
+        turns["jax"].append(turn(jax_step, args.steps))
+        turns["torch"].append(turn(torch_step, args.steps))
     for name, side_turns in turns.items():
-        print(
-            f"{name} steps by turn (s): "
-            + "  ".join(" ".join(f"{t:.1f}" for t in turn) for turn in side_turns)
-        )
-    jax_times = [min(turn) for turn in turns["jax"]]
-    torch_times = [min(turn) for turn in turns["torch"]]
-    jax_side.close()
-    torch_side.close()
+        steps = "  ".join(" ".join(f"{t:.1f}" for t in seconds) for seconds in side_turns)
+        print(f"{name} steps by turn (s): {steps}")
+    jax_times = [min(seconds) for seconds in turns["jax"]]
+    torch_times = [min(seconds) for seconds in turns["torch"]]
     ratios = [t / j for j, t in zip(jax_times, torch_times, strict=True)]
     for name, times in (("jax", jax_times), ("torch", torch_times)):
         med, best = statistics.median(times), min(times)
@@ -245,7 +231,7 @@ def main():
         f"float32 matmul [{rows}x{args.hidden}]x[{args.hidden}x{args.intermediate}]: "
         f"{peak / 1e9:.0f} GFLOP/s; model FLOPs/step {model_flops / 1e12:.2f} T"
     )
-    temp = jax_info["temp_bytes"]
+    temp = memory.temp_size_in_bytes if memory is not None else float("nan")
     print("--- ratios ---")
     print(
         f"speedup (jax / torch tokens/s): median {statistics.median(ratios):.2f}x, "

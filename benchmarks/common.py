@@ -7,16 +7,11 @@ measured in the same process, on the same machine, in the same dtype:
 
   matmul_flops_per_s(m, k, n)   jitted float32 [m, k] x [k, n] (the compute roofline)
   bandwidth_bytes_per_s()       jitted float32 sum over 256 MiB (the memory roofline)
-
-Comparisons against PyTorch run each side in a process of its own (`SideProcess`): in one
-process, the second library's thread pool and allocator slowed the first by 20-45% on this box
-(a SmolLM2-size update step: JAX 29-31 s alone vs 42-44 s beside torch; torch 30-31 vs 36-38).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import time
 
 import jax
@@ -118,56 +113,3 @@ def bandwidth_bytes_per_s(repeats: int = 5) -> float:
     x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
     total = jax.jit(jnp.sum)
     return x.nbytes / _best_seconds(lambda: total(x).block_until_ready(), repeats)
-
-
-def _serve(conn, build, build_args) -> None:
-    info, run = build(*build_args)
-    conn.send(info)
-    while calls := conn.recv():
-        seconds = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - t0)
-        conn.send(seconds)
-
-
-class SideProcess:
-    """One side of a comparison, built and timed in a spawned process of its own.
-
-    `build(*build_args) -> (info, run)` runs in the child: `info` (picklable) comes back from
-    `start()`, and `time(n)` runs `run()` n times there and returns each call's wall seconds.
-    Between turns the child waits on a pipe, idle, so two sides timed in turn see the same
-    machine without sharing a process. A turn's first call pays for the switch: on this box
-    (a VM) a SmolLM2-size update step that followed the other side's ran up to 10 s (30%)
-    slower than the next one, so compare the later calls. `build` must be a module-level
-    function (spawn pickles it by name).
-    """
-
-    def __init__(self, name: str, build, *build_args):
-        self.name = name
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, build, build_args), daemon=True)
-
-    def _recv(self):
-        try:
-            return self._conn.recv()
-        except EOFError:
-            self._proc.join()
-            raise SystemExit(
-                f"The {self.name} side's process died (exit code {self._proc.exitcode}); "
-                "its error is above."
-            ) from None
-
-    def start(self):
-        self._proc.start()
-        return self._recv()
-
-    def time(self, calls: int) -> list[float]:
-        self._conn.send(calls)
-        return self._recv()
-
-    def close(self) -> None:
-        self._conn.send(0)
-        self._proc.join()

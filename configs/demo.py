@@ -119,7 +119,9 @@ def _smollm2(c, short: bool) -> None:
     c.optim.lr = 2e-5
     c.optim.warmup_steps = 1
     # The SFT result (step 0, ckpt.keep_sft) and the last step only: a save writes ~1.6 GB.
-    c.ckpt.every_steps = c.get_ref("total_steps")
+    # `+ 0` makes the tie one-way: every_steps follows total_steps unless set itself (a plain
+    # reference is shared, so --config.ckpt.every_steps=5 would also set total_steps to 5).
+    c.ckpt.every_steps = c.get_ref("total_steps") + 0
     c.log.eval_every_steps = 3
 
     if short:  # the same path, each stage as small as still measures something

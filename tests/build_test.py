@@ -20,6 +20,23 @@ def test_agent_keys_reach_the_rollout_config():
     assert config.engine.max_len == config.agent.max_total_tokens == 1024
 
 
+@pytest.mark.parametrize("every_first", [True, False])
+def test_the_demos_checkpoint_interval_follows_total_steps_one_way(every_first):
+    config = demo.get_config()
+    assert config.ckpt.every_steps == config.total_steps  # the last step only
+    # Command-line overrides are applied in order; neither key may move the other.
+    if every_first:
+        config.ckpt.every_steps = 5
+        config.total_steps = 40
+    else:
+        config.total_steps = 40
+        config.ckpt.every_steps = 5
+    assert (config.total_steps, config.ckpt.every_steps) == (40, 5)
+    config = demo.get_config()
+    config.total_steps = 12
+    assert config.ckpt.every_steps == 12
+
+
 def test_named_model_without_its_wheel_fails_validation_naming_the_key(monkeypatch):
     monkeypatch.setitem(
         sources.NAMED_MODELS,

@@ -105,3 +105,21 @@ def test_restore_from_other_run(tmp_path):
     assert step == 4
     with pytest.raises(checkpoint.CheckpointError, match="not a directory"):
         checkpoint.restore_from(str(tmp_path / "missing"), _state(0))
+
+
+def test_restore_params_from_reads_only_the_params(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "run1"))
+    ckpt.save(0, _state(3), {"step": 0})
+    ckpt.close()
+    assert checkpoint.step_of(str(tmp_path / "run1")) == 0
+    # The rest of the state may have other shapes (another question pool's queue).
+    other = {**_state(0), "queue": {"tokens": jnp.zeros((9, 5), jnp.int32)}}
+    step, params = checkpoint.restore_params_from(str(tmp_path / "run1" / "0"), other["params"])
+    assert step == 0
+    _assert_tree_equal(params, _state(3)["params"])
+    # A full restore into those shapes fails with the step named, and moves nothing aside.
+    with pytest.raises(checkpoint.CheckpointError, match="step 0"):
+        checkpoint.restore_from(str(tmp_path / "run1"), other)
+    assert sorted(os.listdir(tmp_path / "run1")) == ["0"]
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.step_of(str(tmp_path))

@@ -21,7 +21,7 @@ from flax import nnx
 
 from configs import gaia
 from tests import helpers
-from toolr1_jax import models, trainer, update
+from toolr1_jax import build, models, sft, trainer, update
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Wall-clock and compile metrics differ between runs; everything else must match exactly.
@@ -272,6 +272,78 @@ def test_non_finite_loss_stops_the_run_and_the_resume_needs_no_init_from(
     assert sorted(_metrics(workdir)) == [1, 2, 3]
 
 
+def test_grpo_variants_start_from_another_runs_sft_result(tmp_path, data_dir, caplog):
+    """`ckpt.resume_from=<run>/checkpoints/0` (a cold-start SFT result) hands over the weights:
+    with the same settings the new run's first step is that run's exactly; with another seed
+    and question pool (so another queue shape) it starts too; the other run's files stay."""
+    sft_keys = {
+        "sft.enabled": True,
+        "sft.num_demos": 8,
+        "sft.num_steps": 2,
+        "sft.batch_size": 8,
+        "sft.warmup_steps": 0,
+        "optim.warmup_steps": 0,
+        "data.num_train": 16,
+    }
+    first = tmp_path / "sft_run"
+    config = _debug_config(data_dir, **sft_keys)
+    config.total_steps = 1
+    trainer.train(config, str(first))
+    start = first / "checkpoints" / "0"
+    assert start.is_dir()
+    before = sorted(os.listdir(first / "checkpoints"))
+
+    same = tmp_path / "same"
+    config = _debug_config(data_dir, **sft_keys, **{"ckpt.resume_from": str(start)})
+    config.total_steps = 1
+    with caplog.at_level(logging.INFO):
+        trainer.train(config, str(same))
+    assert f"Starting GRPO from the weights of {start} (step 0)" in caplog.text
+    assert not (same / "checkpoints" / "0").exists()  # no SFT ran
+    assert _metrics(same)[1] == _metrics(first)[1]
+    _assert_trees_equal(_final_state(same, 1), _final_state(first, 1))
+
+    other = tmp_path / "other"
+    overrides = {**sft_keys, "ckpt.resume_from": str(start), "data.num_train": 4}
+    config = _debug_config(data_dir, **overrides)
+    config.seed, config.total_steps = 1, 1
+    trainer.train(config, str(other))
+    assert sorted(_metrics(other)) == [1]
+    # A queue of another capacity: 4 questions' rows against 16.
+    queue_size = sum(x.size for x in jax.tree.leaves(_final_state(other, 1)["queue"]))
+    assert queue_size < sum(x.size for x in jax.tree.leaves(_final_state(first, 1)["queue"]))
+    assert sorted(os.listdir(first / "checkpoints")) == before
+
+
+def test_grpo_is_not_asked_the_questions_sft_showed(tmp_path, data_dir):
+    sft_keys = {
+        "sft.enabled": True,
+        "sft.num_demos": 8,
+        "sft.num_steps": 1,
+        "sft.batch_size": 8,
+        "sft.warmup_steps": 0,
+        "optim.warmup_steps": 0,
+    }
+    # A pool of 10: with SFT the first 10 questions it did not show; without, 8 of the 10 are
+    # the demonstrations (the first questions of the split that have a solution).
+    config = _debug_config(data_dir, **sft_keys, **{"data.num_train": 10})
+    config.total_steps = 1
+    examples = build.examples(config, config.data.train_split)
+    shown = {e.task_id for e in sft.demo_examples(examples, config.sft.levels, 8)}
+    assert len(shown) == 8
+
+    def asked(workdir):
+        path = workdir / "rollouts" / "step_1.jsonl"
+        return {json.loads(line)["task_id"] for line in path.read_text().splitlines()}
+
+    trainer.train(config, str(tmp_path / "sft"))
+    assert len(asked(tmp_path / "sft")) == config.grpo.questions_per_step
+    assert not asked(tmp_path / "sft") & shown
+    config.sft.enabled = False
+    trainer.train(config, str(tmp_path / "no_sft"))
+    assert asked(tmp_path / "no_sft") & shown
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -282,6 +354,7 @@ def test_non_finite_loss_stops_the_run_and_the_resume_needs_no_init_from(
         ("--config.optim.num_microbatches=3", "optim.num_microbatches"),
         ("--config.optim.remat=some", "optim.remat"),
         ("--config.data.num_train=-1", "data.num_train"),
+        ("--config.data.num_train=3", "grpo.questions_per_step=4"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, data_dir, override, expected):

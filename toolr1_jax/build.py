@@ -366,7 +366,6 @@ def loss_config(config: ml_collections.ConfigDict) -> update.LossConfig:
 def sft_config(config: ml_collections.ConfigDict) -> sft.SFTConfig:
     s, o = config.sft, config.optim
     return sft.SFTConfig(
-        num_demos=s.num_demos,
         num_steps=s.num_steps,
         batch_size=s.batch_size,
         lr=s.lr,

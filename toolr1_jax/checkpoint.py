@@ -131,26 +131,58 @@ class Checkpointer:
         return restored.state, restored.meta
 
 
-def restore_from(path: str, like_state: Any) -> tuple[int, Any, dict]:
-    """Restores from another run: its checkpoint directory (newest good step) or a step folder."""
+def _locate(path: str) -> tuple[str, int]:
+    """(checkpoint directory, step) of `ckpt.resume_from`: a step's folder, or a run's
+    checkpoint directory (its newest committed step)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"ckpt.resume_from={path!r} is not a directory.")
     name = os.path.basename(path.rstrip("/"))
-    if name.isdigit():  # a single step's folder
-        manager = ocp.CheckpointManager(os.path.dirname(path))
-        try:
-            state, meta = Checkpointer._restore_step(manager, int(name), like_state)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"Could not restore checkpoint {path!r}: {e}") from e
-        finally:
-            manager.close()
-        return int(name), state, meta
-    ckpt = Checkpointer(path, async_save=False)
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    manager = ocp.CheckpointManager(path)
     try:
-        restored = ckpt.restore_latest(like_state)
+        steps = manager.all_steps()
     finally:
-        ckpt.close()
-    if restored is None:
-        raise CheckpointError(f"ckpt.resume_from={path!r} holds no usable checkpoint.")
-    return restored
+        manager.close()
+    if not steps:
+        raise CheckpointError(f"ckpt.resume_from={path!r} holds no checkpoint.")
+    return path, max(steps)
+
+
+def step_of(path: str) -> int:
+    """The step that `restore_from(path, ...)` restores."""
+    return _locate(path)[1]
+
+
+def restore_from(path: str, like_state: Any) -> tuple[int, Any, dict]:
+    """Restores another run's checkpoint (`_locate` says which step). Read only: a checkpoint
+    that does not load raises CheckpointError and stays where it is (another run's files are
+    never set aside)."""
+    directory, step = _locate(path)
+    manager = ocp.CheckpointManager(directory)
+    try:
+        state, meta = Checkpointer._restore_step(manager, step, like_state)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"Could not restore step {step} of {directory!r}: {e}") from e
+    finally:
+        manager.close()
+    return step, state, meta
+
+
+def restore_params_from(path: str, like_params: Any) -> tuple[int, Any]:
+    """Only the `params` of another run's checkpoint: the rest of its state is not read, so it
+    may have any shapes (another question pool's queue, say)."""
+    directory, step = _locate(path)
+    like = {"params": _abstract(like_params)}
+    args = ocp.args.PyTreeRestore(
+        like, restore_args=ocp.checkpoint_utils.construct_restore_args(like), partial_restore=True
+    )
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(os.path.join(directory, str(step), "state"), args=args)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"Could not restore the params of step {step} of {directory!r}: {e}"
+        ) from e
+    return step, restored["params"]

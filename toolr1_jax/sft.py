@@ -272,7 +272,6 @@ def run_sft(
 class SFTConfig:
     """The cold-start stage's settings (`build.sft_config`)."""
 
-    num_demos: int  # training examples whose reference solutions are played
     num_steps: int
     batch_size: int
     lr: float
@@ -294,8 +293,19 @@ def make_optimizer(config: SFTConfig) -> optax.GradientTransformation:
     )
 
 
+def demo_examples(
+    examples: Sequence[data_types.Example], levels: Sequence[int], num_demos: int
+) -> list[data_types.Example]:
+    """The examples whose reference solutions the cold start plays: the first `num_demos` that
+    have one, of `levels` (every level when empty). The trainer keeps them out of GRPO's
+    questions."""
+    return [
+        e for e in examples if e.metadata.get("solution") and (not levels or e.level in set(levels))
+    ][:num_demos]
+
+
 async def cold_start(
-    examples: Sequence[data_types.Example],
+    chosen: Sequence[data_types.Example],
     config: SFTConfig,
     *,
     tokenizer,
@@ -305,11 +315,10 @@ async def cold_start(
     state,
     mesh,
 ) -> tuple[nnx.State, dict[str, float]]:
-    """The trainer's SFT stage: plays the reference solutions of the first `num_demos` examples
-    that have one, fits the policy to them with a fresh optimizer, and returns the new params
-    (`state` is donated) with the stage's metrics (`sft/*`)."""
+    """The trainer's SFT stage: plays the reference solutions of `chosen` (`demo_examples`),
+    fits the policy to them with a fresh optimizer, and returns the new params (`state` is
+    donated) with the stage's metrics (`sft/*`)."""
     t0 = time.perf_counter()
-    chosen = [e for e in examples if e.metadata.get("solution")][: config.num_demos]
     demos, skipped = await demonstrations(
         chosen, tokenizer=tokenizer, pool=pool, agent_config=agent_config
     )

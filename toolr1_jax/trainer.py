@@ -114,7 +114,7 @@ class _Parts:
     tokenizer: tokenizer_lib.Tokenizer
     model_config: model_lib.ModelConfig
     graphdef: Any
-    train_examples: list
+    sft_demos: list  # the cold start's demonstrations (not among `questions`)
     questions: list  # GRPO's questions; the queue indexes them
     index_of: dict[str, int]
     eval_examples: list
@@ -209,14 +209,29 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
     if is_main:
         sharding.sync_processes("data_prepared")
     eval_examples = eval_examples[: config.data.num_eval or None]
-    # GRPO's questions: the first data.num_train training examples (all when 0). A small pool is
-    # revisited, which is where the queue's replay and learnability ordering act. SFT
-    # demonstrations and the tokenizer draw on the whole split.
+    # GRPO's questions: the first data.num_train training examples of data.grpo_levels (all
+    # when 0 / empty), less the cold start's demonstrations (GRPO is not handed questions whose
+    # solutions SFT showed). A small pool is revisited, which is where the queue's replay and
+    # learnability ordering act. The tokenizer draws on the whole split.
+    sft_demos = (
+        sft.demo_examples(train_examples, config.sft.levels, config.sft.num_demos)
+        if config.sft.enabled
+        else []
+    )
+    shown = {e.task_id for e in sft_demos}
     grpo_levels = set(config.data.grpo_levels)
-    questions = [e for e in train_examples if not grpo_levels or e.level in grpo_levels]
-    if not questions:
-        raise build.ConfigError(f"data.grpo_levels={config.data.grpo_levels}: no such question.")
+    questions = [
+        e
+        for e in train_examples
+        if (not grpo_levels or e.level in grpo_levels) and e.task_id not in shown
+    ]
     questions = questions[: config.data.num_train or None]
+    if len(questions) < g.questions_per_step:
+        raise build.ConfigError(
+            f"GRPO has {len(questions)} questions (data.num_train={config.data.num_train}, "
+            f"data.grpo_levels={config.data.grpo_levels}, less {len(shown)} SFT "
+            f"demonstrations) but a step asks grpo.questions_per_step={g.questions_per_step}."
+        )
     tools = build.tools(config)
 
     # Resume order (the first that exists wins; a later source is not read at all):
@@ -314,7 +329,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[_P
         tokenizer=tokenizer,
         model_config=model_config,
         graphdef=graphdef,
-        train_examples=train_examples,
+        sft_demos=sft_demos,
         questions=questions,
         index_of={e.task_id: i for i, e in enumerate(questions)},
         eval_examples=eval_examples,
@@ -342,8 +357,17 @@ def _restore(config, ckpt: checkpoint.Checkpointer, state: _State, mesh) -> bool
     like, _ = state.checkpoint(mesh)
     restored, source = ckpt.restore_latest(like), "workdir"
     if restored is None and config.ckpt.resume_from:
-        restored, source = checkpoint.restore_from(config.ckpt.resume_from, like), "resume_from"
         source = config.ckpt.resume_from
+        if checkpoint.step_of(source) == 0:
+            # Another run's GRPO start (its cold-start SFT result): nothing of a GRPO run exists
+            # yet but the weights, so this run takes those and starts its own seed, question
+            # order and queue (GRPO variants of one SFT: other seeds, pools, queue settings).
+            _, state.params = checkpoint.restore_params_from(source, like["params"])
+            if state.ref_params is not None:
+                state.ref_params = jax.tree.map(jnp.copy, state.params)
+            log.info("Starting GRPO from the weights of %s (step 0).", source)
+            return True
+        restored = checkpoint.restore_from(source, like)
     if restored is None:
         return False
     state.restore(*restored)
@@ -421,11 +445,9 @@ async def _cold_start(parts: _Parts, state: _State) -> dict[str, float]:
         await _evaluate(parts, 0, "eval_init")
     # Demonstrations may come from other levels than GRPO's questions (e.g. level 1 only, to
     # teach the turn format without handing GRPO's harder tasks their solutions).
-    sft_levels = set(config.sft.levels)
-    demos = [e for e in parts.train_examples if not sft_levels or e.level in sft_levels]
     # `state.params` is donated to the SFT steps; only the result is kept.
     state.params, sft_metrics = await sft.cold_start(
-        demos,
+        parts.sft_demos,
         build.sft_config(config),
         tokenizer=parts.tokenizer,
         pool=parts.pool,

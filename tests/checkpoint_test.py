@@ -117,9 +117,26 @@ def test_restore_params_from_reads_only_the_params(tmp_path):
     step, params = checkpoint.restore_params_from(str(tmp_path / "run1" / "0"), other["params"])
     assert step == 0
     _assert_tree_equal(params, _state(3)["params"])
-    # A full restore into those shapes fails with the step named, and moves nothing aside.
-    with pytest.raises(checkpoint.CheckpointError, match="step 0"):
+    # A full restore into those shapes fails naming the queue, and moves nothing aside.
+    with pytest.raises(checkpoint.ShapeMismatchError, match=r"step 0 .*\(queue\)"):
         checkpoint.restore_from(str(tmp_path / "run1"), other)
     assert sorted(os.listdir(tmp_path / "run1")) == ["0"]
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.step_of(str(tmp_path))
+
+
+def test_a_changed_config_is_not_taken_for_a_corrupt_checkpoint(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+    for step in (1, 2):
+        ckpt.save(step, _state(step), {"step": step})
+    ckpt.close()
+    # The run comes back with a config whose queue is larger: every step would fail to load.
+    # That is said, and no checkpoint is set aside or skipped.
+    other = {**_state(0), "queue": {"tokens": jnp.zeros((9, 5), jnp.int32)}}
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+    with pytest.raises(checkpoint.ShapeMismatchError, match=r"step 2 .*\(queue\).*config"):
+        ckpt.restore_latest(other)
+    assert ckpt.all_steps() == [1, 2]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1", "2"]
+    assert ckpt.restore_latest(_state(0))[0] == 2
+    ckpt.close()

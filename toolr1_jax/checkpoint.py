@@ -29,6 +29,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class ShapeMismatchError(CheckpointError):
+    """A checkpoint written by a run of other shapes: the config changed, nothing is corrupt."""
+
+
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -76,6 +80,7 @@ class Checkpointer:
         self._manager.reload()
         steps = self.all_steps()
         for i, step in enumerate(reversed(steps)):
+            _check_shapes(self.directory, step, like_state)  # raises: no fallback, no set-aside
             try:
                 state, meta = self._restore_step(self._manager, step, like_state)
             except Exception as e:  # noqa: BLE001  any failure means this checkpoint is unusable
@@ -131,6 +136,35 @@ class Checkpointer:
         return restored.state, restored.meta
 
 
+def _check_shapes(directory: str, step: int, like_state: Any) -> None:
+    """Raises ShapeMismatchError when a saved step's arrays differ in shape from `like_state`'s,
+    naming the top-level entries that differ (params, opt_state, queue, ...). A step whose
+    metadata does not read passes: its restore fails and it counts as corrupt."""
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(os.path.join(directory, str(step), "state"))
+        saved = dict(saved.item_metadata.tree)
+    except Exception:  # noqa: BLE001
+        return
+
+    def shapes(tree):
+        return sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+
+    differ = [
+        k
+        for k in sorted(saved.keys() | like_state.keys())
+        if shapes(saved.get(k)) != shapes(like_state.get(k))
+    ]
+    if differ:
+        raise ShapeMismatchError(
+            f"The checkpoint at step {step} in {directory} was written by a run of other shapes "
+            f"({', '.join(differ)}): the config changed (the model; or for the queue the GRPO "
+            "question pool: data.num_train, data.grpo_levels, sft.*). Resume with the config it "
+            "was written with, or start in another workdir (ckpt.resume_from=<its step 0> takes "
+            "only the weights)."
+        )
+
+
 def _locate(path: str) -> tuple[str, int]:
     """(checkpoint directory, step) of `ckpt.resume_from`: a step's folder, or a run's
     checkpoint directory (its newest committed step)."""
@@ -160,6 +194,7 @@ def restore_from(path: str, like_state: Any) -> tuple[int, Any, dict]:
     that does not load raises CheckpointError and stays where it is (another run's files are
     never set aside)."""
     directory, step = _locate(path)
+    _check_shapes(directory, step, like_state)
     manager = ocp.CheckpointManager(directory)
     try:
         state, meta = Checkpointer._restore_step(manager, step, like_state)

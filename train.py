@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from toolr1_jax import build, trainer
+from toolr1_jax import build, checkpoint, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and exports go.")
@@ -43,6 +43,8 @@ def main(argv):
         trainer.train(config, os.path.expanduser(_WORKDIR.value))
     except build.ConfigError as e:
         raise app.UsageError(f"Bad config: {e}") from None
+    except checkpoint.CheckpointError as e:  # e.g. a resume whose config no longer fits
+        raise app.UsageError(f"Checkpoint: {e}") from None
 
 
 if __name__ == "__main__":

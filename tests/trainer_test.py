@@ -184,6 +184,17 @@ def test_corrupt_latest_checkpoint_resumes_from_previous(tmp_path, data_dir, ref
     _assert_trees_equal(_final_state(workdir, 3), _final_state(reference_run, 3))
 
 
+def test_a_resume_with_another_question_pool_says_so_and_keeps_the_checkpoints(
+    tmp_path, data_dir, reference_run
+):
+    workdir = tmp_path / "changed"
+    shutil.copytree(reference_run / "checkpoints", workdir / "checkpoints")
+    proc = _run(workdir, data_dir, "--config.data.num_train=8", "--config.total_steps=4")
+    assert proc.returncode != 0
+    assert "written by a run of other shapes (queue)" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
+
+
 def test_a_run_without_a_terminal_logs_each_step_and_queue_metrics(reference_run):
     log_text = (reference_run / "stderr.txt").read_text()
     for step in (1, 2, 3):

@@ -7,7 +7,9 @@ those of `keep_steps`.
 With several processes every one saves and restores (arrays must be global: each writes its own
 shards) and orbax lets process 0 alone write the JSON and commit markers.
 Restoring walks back from the newest step until one restores cleanly, so a checkpoint that a crash
-left partial or that was corrupted later costs one save interval, never the run.
+left partial or that was corrupted later costs one save interval, never the run. A checkpoint of
+other shapes than the run's (its config changed) is not corrupt: that stops the restore, naming
+what differs, and moves nothing. Another run's checkpoints (`ckpt.resume_from`) are only read.
 """
 
 from __future__ import annotations

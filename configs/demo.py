@@ -107,9 +107,18 @@ def _smollm2(c, short: bool) -> None:
     # 96 questions are 8 of each family, 64 of them of levels 2-3.
     c.data.num_eval = 96
 
-    c.total_steps = 6
-    c.grpo.questions_per_step = 4
+    # GRPO asks 8 questions x 4 episodes a step from a pool of 32 level-2/3 training questions
+    # that SFT did not show (8 families x ~4), so each comes back every ~4 steps: the queue picks
+    # questions by learnability and replays stored correct episodes into groups that found
+    # none (a third to a half of a step's episodes from step 5 on). Measured from this SFT
+    # (run F, session 11): levels 2-3 21/64 -> 28/64 after 10 steps. With the whole pool (2,664
+    # questions, 4 x 4 a step) no question came back, the queue never replayed, and 4-8 steps
+    # gained nothing (runs D, E).
+    c.data.num_train = 32
+    c.total_steps = 10
+    c.grpo.questions_per_step = 8
     c.grpo.group_size = 4
+    c.optim.num_microbatches = 8  # ~4 episodes of <= 1024 tokens each: ~2.3 GB with remat dots
     c.grpo.aggregation = "token_mean"
     # Dr. GRPO advantages (r - mean, not divided by the group's std). With the std, a group
     # where no episode is right turns the 0.2 that answering earns (the execution and format
@@ -122,15 +131,17 @@ def _smollm2(c, short: bool) -> None:
     # `+ 0` makes the tie one-way: every_steps follows total_steps unless set itself (a plain
     # reference is shared, so --config.ckpt.every_steps=5 would also set total_steps to 5).
     c.ckpt.every_steps = c.get_ref("total_steps") + 0
-    c.log.eval_every_steps = 3
+    c.log.eval_every_steps = 5
 
     if short:  # the same path, each stage as small as still measures something
         c.sft.num_demos = 16
         c.sft.num_steps = 6
         c.data.num_eval = 12  # one of each family
+        c.data.num_train = 0
         c.total_steps = 2
         c.grpo.questions_per_step = 2
         c.grpo.group_size = 2
+        c.optim.num_microbatches = 2
         c.queue.max_replay = 1  # a group keeps one fresh episode
         c.log.eval_every_steps = 2
 

@@ -283,19 +283,21 @@ def test_non_finite_loss_stops_the_run_and_the_resume_needs_no_init_from(
     assert sorted(_metrics(workdir)) == [1, 2, 3]
 
 
+# A cold-start SFT on 8 demonstrations before a one-step GRPO run (no warmup: one step).
+_SHORT_SFT = {
+    "sft.enabled": True,
+    "sft.num_demos": 8,
+    "sft.batch_size": 8,
+    "sft.warmup_steps": 0,
+    "optim.warmup_steps": 0,
+}
+
+
 def test_grpo_variants_start_from_another_runs_sft_result(tmp_path, data_dir, caplog):
     """`ckpt.resume_from=<run>/checkpoints/0` (a cold-start SFT result) hands over the weights:
     with the same settings the new run's first step is that run's exactly; with another seed
     and question pool (so another queue shape) it starts too; the other run's files stay."""
-    sft_keys = {
-        "sft.enabled": True,
-        "sft.num_demos": 8,
-        "sft.num_steps": 2,
-        "sft.batch_size": 8,
-        "sft.warmup_steps": 0,
-        "optim.warmup_steps": 0,
-        "data.num_train": 16,
-    }
+    sft_keys = {**_SHORT_SFT, "sft.num_steps": 2, "data.num_train": 16}
     first = tmp_path / "sft_run"
     config = _debug_config(data_dir, **sft_keys)
     config.total_steps = 1
@@ -327,14 +329,7 @@ def test_grpo_variants_start_from_another_runs_sft_result(tmp_path, data_dir, ca
 
 
 def test_grpo_is_not_asked_the_questions_sft_showed(tmp_path, data_dir):
-    sft_keys = {
-        "sft.enabled": True,
-        "sft.num_demos": 8,
-        "sft.num_steps": 1,
-        "sft.batch_size": 8,
-        "sft.warmup_steps": 0,
-        "optim.warmup_steps": 0,
-    }
+    sft_keys = {**_SHORT_SFT, "sft.num_steps": 1}
     # A pool of 10: with SFT the first 10 questions it did not show; without, 8 of the 10 are
     # the demonstrations (the first questions of the split that have a solution).
     config = _debug_config(data_dir, **sft_keys, **{"data.num_train": 10})

@@ -299,8 +299,9 @@ def demo_examples(
     """The examples whose reference solutions the cold start plays: the first `num_demos` that
     have one, of `levels` (every level when empty). The trainer keeps them out of GRPO's
     questions."""
+    levels = set(levels)
     return [
-        e for e in examples if e.metadata.get("solution") and (not levels or e.level in set(levels))
+        e for e in examples if e.metadata.get("solution") and (not levels or e.level in levels)
     ][:num_demos]
 
 

@@ -723,7 +723,7 @@ class Engine:
         def per_slot(x):
             return named(("batch",) + (None,) * (x.ndim - 1), x)
 
-        kv_axes = (None, "batch", "length", "kv_heads", "head_dim")
+        kv_axes = (None, "batch", "kv_heads", "length", "head_dim")
         shardings = jax.tree.map(per_slot, state)
         return shardings.replace(
             cache=model_lib.KVCache(
@@ -944,14 +944,15 @@ class Engine:
         else:
 
             def rows(x):
-                return x[:, :, :kv_len].at[:, slot_ids].get(mode="fill", fill_value=0)
+                return x[:, :, :, :kv_len].at[:, slot_ids].get(mode="fill", fill_value=0)
 
             past = model_lib.KVCache(k=rows(cache.k), v=rows(cache.v), lengths=start)
             _, new = model.hidden_states(tokens, positions, past, mask)
-            # Copy back only the entries this chunk wrote, not the gathered rows.
+            # Copy back only the entries this chunk wrote, not the gathered rows (cache layout
+            # [L, B, K, S, H]; both indexed views are [P, T, L, K, H]).
             write_idx = jnp.where(mask, positions, self.max_len)  # [P, T]
-            src = (slice(None), jnp.arange(p)[:, None], write_idx)
-            dst = (slice(None), slot_ids[:, None], write_idx)
+            src = (slice(None), jnp.arange(p)[:, None], slice(None), write_idx)
+            dst = (slice(None), slot_ids[:, None], slice(None), write_idx)
             k = cache.k.at[dst].set(new.k.at[src].get(mode="fill", fill_value=0), mode="drop")
             v = cache.v.at[dst].set(new.v.at[src].get(mode="fill", fill_value=0), mode="drop")
         cache = model_lib.KVCache(
@@ -980,10 +981,15 @@ class Engine:
         cache = state.cache
         idx = offset + jnp.arange(self.prefill_chunk)  # [W]
         valid = jnp.arange(self.prefill_chunk)[None, :] < num_tokens[:, None]  # [C, W]
-        src = (slice(None), donors[:, None], idx[None, :])
-        dst = (slice(None), slot_ids[:, None], jnp.where(valid, idx[None, :], self.max_len))
+        src = (slice(None), donors[:, None], slice(None), idx[None, :])
+        dst = (
+            slice(None),
+            slot_ids[:, None],
+            slice(None),
+            jnp.where(valid, idx[None, :], self.max_len),
+        )
 
-        def copy(x):  # [L, B, S, K, H]
+        def copy(x):  # [L, B, K, S, H]; both indexed views are [C, W, L, K, H]
             return x.at[dst].set(x.at[src].get(mode="fill", fill_value=0), mode="drop")
 
         cache = model_lib.KVCache(
@@ -1117,8 +1123,8 @@ def _take_rows(state: EngineState, rows, kv_len: int) -> EngineState:
     cache = state.cache
     return EngineState(
         cache=model_lib.KVCache(
-            k=take(cache.k[:, :, :kv_len], 1),
-            v=take(cache.v[:, :, :kv_len], 1),
+            k=take(cache.k[:, :, :, :kv_len], 1),
+            v=take(cache.v[:, :, :, :kv_len], 1),
             lengths=take(cache.lengths),
         ),
         next_token=take(state.next_token),
@@ -1143,8 +1149,8 @@ def _put_rows(state: EngineState, rows, decoded: EngineState) -> EngineState:
     kv_len = new.max_len
     return state.replace(
         cache=model_lib.KVCache(
-            k=cache.k.at[:, rows, :kv_len].set(new.k, mode="drop"),
-            v=cache.v.at[:, rows, :kv_len].set(new.v, mode="drop"),
+            k=cache.k.at[:, rows, :, :kv_len].set(new.k, mode="drop"),
+            v=cache.v.at[:, rows, :, :kv_len].set(new.v, mode="drop"),
             lengths=put(cache.lengths, new.lengths),
         ),
         next_token=put(state.next_token, decoded.next_token),

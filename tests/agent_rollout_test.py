@@ -50,6 +50,9 @@ class ScriptedModel(nnx.Module):
     def hidden_states(self, tokens, positions, cache=None, attn_mask=None):
         return self.inner.hidden_states(tokens, positions, cache, attn_mask)
 
+    def hidden_states_and_kv(self, tokens, positions, cache, attn_mask=None):
+        return self.inner.hidden_states_and_kv(tokens, positions, cache, attn_mask)
+
     def __call__(self, tokens, positions, cache=None, attn_mask=None):
         logits, cache = self.inner(tokens, positions, cache, attn_mask)
         target = self.script[...][jnp.clip(positions + 1, 0, MAX_LEN)]  # [B, T]

@@ -152,8 +152,9 @@ def test_bucketed_decode_matches_full_forward_and_whole_cache(
 def test_no_compilation_after_warmup_with_mixed_lengths(model, decode_rows):
     engine = _engine(model, decode_rows)
     engine.warmup()
-    # Per length bucket: prefill for one slot and for decode_rows slots, and decode; the copy.
-    assert engine.num_compilations == 1 + 3 * len(engine.decode_lens) == 13
+    # Per length bucket: prefill for one slot and for decode_rows slots, and decode; the two
+    # prefills that read no cache (first chunks); the copy.
+    assert engine.num_compilations == 1 + 2 + 3 * len(engine.decode_lens) == 15
     rng = np.random.default_rng(1)
     with helpers.backend_compiles() as backend_compiles:
         live = {}  # slot -> tokens in the slot (cache + pending)
@@ -178,5 +179,27 @@ def test_no_compilation_after_warmup_with_mixed_lengths(model, decode_rows):
                     del live[out.slot]
         for slot in live:
             engine.release(slot)
-    assert engine.num_compilations == 13
+    assert engine.num_compilations == 15
     assert backend_compiles == []
+
+
+def test_prefill_chunks_read_only_what_came_before_them(model, decode_rows, full_logprobs):
+    """A prompt's first chunk reads no cache (kv_len 0: the program with plain causal
+    attention), each later chunk the smallest bucket holding the entries before it, and the
+    tokens are still those of one uncached forward pass."""
+    engine = _engine(model, decode_rows)
+    kv_lens = []
+    prefill = engine._prefill_fn
+
+    def recording_prefill(*args):
+        kv_lens.append(args[8])
+        return prefill(*args)
+
+    engine._prefill_fn = recording_prefill
+    prompt = np.random.default_rng(3).integers(0, VOCAB, 41).tolist()
+    # 40 tokens are written (the last becomes the pending token): chunks start at 0, 16, 32.
+    (completion,) = engine.generate([prompt], engine_lib.SamplingParams(max_new_tokens=6))
+    assert kv_lens == [0, 16, 32]
+    seq = prompt + completion.tokens.tolist()
+    rows = full_logprobs(seq, 1.0)[len(prompt) - 1 : len(seq) - 1]
+    np.testing.assert_array_equal(completion.tokens, rows.argmax(axis=-1))

@@ -18,11 +18,11 @@ are always `cache length`, and every sampling step goes through the one decode p
 The engine compiles a fixed set of programs, whatever the prompts: prefill of one fixed-length
 chunk for one slot, the same for `decode_rows` slots at once (not when there is one row), a copy
 of one chunk of cache positions between slots, and decode; prefill and decode have one program
-per entry of `decode_lens`. Longer writes run chunk after chunk, each attending to what earlier
-chunks wrote. Prefill and decode programs attend over a prefix of the cache only (256, 512, ...
-positions, then max_len), and each call runs the smallest that holds its rows, so it costs what
-the live sequences need, not what the whole cache could hold. `warmup` compiles all of them up
-front.
+per entry of `decode_lens`, and prefill one more that reads no cache (a prompt's first chunk).
+Longer writes run chunk after chunk, each attending to what earlier chunks wrote. Prefill and
+decode programs attend over a prefix of the cache only (256, 512, ... positions, then max_len),
+and each call runs the smallest that holds what its rows read, so it costs what the live
+sequences need, not what the whole cache could hold. `warmup` compiles all of them up front.
 
 Prompts queued together share their common prefixes: each is prefilled once and copied into the
 other slots that start with it (`_plan_prefills`), so a GRPO step's prefill costs about one
@@ -318,7 +318,7 @@ class Engine:
         self._prefill_fn = jax.jit(
             self._prefill_impl,
             donate_argnums=(1,),
-            static_argnums=(8,),  # kv_len: one program per (width, entry of decode_lens)
+            static_argnums=(8,),  # kv_len: one program per (width, 0 or entry of decode_lens)
             out_shardings=self._state_shardings,
         )
         self._decode_fn = jax.jit(
@@ -397,7 +397,7 @@ class Engine:
         Runs each once on padding rows that change no slot; safe at any time.
         """
         for width in sorted({1, self.decode_rows}):
-            for kv_len in self.decode_lens:
+            for kv_len in (0, *self.decode_lens):
                 self._state = self._prefill_fn(*self._prefill_args([], 0, width, kv_len))
         self._state = self._copy_fn(*self._copy_args([], 0))
         decoding = np.array([s is _Status.DECODING for s in self._status])
@@ -854,7 +854,8 @@ class Engine:
 
         With width num_slots, row i is slot i; otherwise jobs fill the first rows. Padding rows
         point past the last slot: their gathers read zeros and their writes drop. `kv_len` None
-        picks the smallest length bucket that holds every position the chunk reads or writes.
+        picks what the chunk reads: the smallest length bucket that holds every row's entries
+        before the chunk, or 0 when every row starts empty (a prompt's first chunk).
         """
         chunk = self.prefill_chunk
         slot_ids = np.full((width,), self.num_slots, np.int32)
@@ -875,7 +876,8 @@ class Engine:
             rows[row] = job.sampling
         sampling = self._sampling_rows(rows)
         if kv_len is None:
-            kv_len = self._kv_len(int((start + num_tokens).max()))
+            before = int(start.max())
+            kv_len = self._kv_len(before) if before else 0
         return (
             self._params,
             self._state,
@@ -926,9 +928,9 @@ class Engine:
 
         Arming (pending token, sampling settings, budget) is the same for every chunk of a job,
         so each chunk applies it. A chunk attends to the slot's entries before `start`, read from
-        the first `kv_len` cache positions only (a length bucket, as in decode): a prompt's
-        chunk then costs what the prompt needs, not what the cache could hold, and with fewer
-        rows than slots only that prefix of each row is gathered.
+        the first `kv_len` cache positions only (a length bucket, as in decode; 0 when every row
+        starts empty): a prompt's chunk then costs what came before it, not what the cache could
+        hold, and with fewer rows than slots only that prefix of each row is gathered.
         """
         model = nnx.merge(self._graphdef, params)
         cache = state.cache
@@ -947,14 +949,16 @@ class Engine:
                 return x[:, :, :, :kv_len].at[:, slot_ids].get(mode="fill", fill_value=0)
 
             past = model_lib.KVCache(k=rows(cache.k), v=rows(cache.v), lengths=start)
-            _, new = model.hidden_states(tokens, positions, past, mask)
-            # Copy back only the entries this chunk wrote, not the gathered rows (cache layout
-            # [L, B, K, S, H]; both indexed views are [P, T, L, K, H]).
+            _, new_k, new_v = model.hidden_states_and_kv(tokens, positions, past, mask)
+            # Write the chunk's keys and values [L, P, T, K, H] into the slots' rows; the
+            # indexed view of the cache ([L, B, K, S, H]) is [P, T, L, K, H].
             write_idx = jnp.where(mask, positions, self.max_len)  # [P, T]
-            src = (slice(None), jnp.arange(p)[:, None], slice(None), write_idx)
             dst = (slice(None), slot_ids[:, None], slice(None), write_idx)
-            k = cache.k.at[dst].set(new.k.at[src].get(mode="fill", fill_value=0), mode="drop")
-            v = cache.v.at[dst].set(new.v.at[src].get(mode="fill", fill_value=0), mode="drop")
+
+            def write(x, new):
+                return x.at[dst].set(jnp.transpose(new, (1, 2, 0, 3, 4)), mode="drop")
+
+            k, v = write(cache.k, new_k), write(cache.v, new_v)
         cache = model_lib.KVCache(
             k=k, v=v, lengths=cache.lengths.at[slot_ids].set(start + num_tokens, mode="drop")
         )

@@ -120,10 +120,11 @@ class KVCache:
 
     `kv_len` (static; None = `max_len`) bounds what attention reads: only the first `kv_len`
     positions, while new entries are still written into the full cache. The caller promises that
-    every row's entries, old and new, fit in that prefix. It lets a decode step cost what the
-    live sequences need instead of what the whole cache holds (the engine compiles one program
-    per length bucket); a field of the cache rather than an argument, so models that wrap
-    `Transformer` pass it through without knowing about it.
+    every row's cached entries (`lengths`) fit in that prefix; the new tokens attend to each
+    other directly, not through the cache. 0 reads nothing: every row starts empty. It lets a
+    step cost what the live sequences need instead of what the whole cache holds (the engine
+    compiles one program per length bucket); a field of the cache rather than an argument, so
+    models that wrap `Transformer` pass it through without knowing about it.
     """
 
     # Head-major: each (row, kv head)'s keys are one contiguous [S, H] block, so decode reads
@@ -461,7 +462,7 @@ class Transformer(nnx.Module):
                 x = _remat_block(layer, x, positions, inv_freq, mask, self.remat)
             return self.final_norm(x), None
 
-        hidden, k, v = self._hidden_states_and_kv(tokens, positions, cache, attn_mask)
+        hidden, k, v = self.hidden_states_and_kv(tokens, positions, cache, attn_mask)
         # The write must follow every read of the cache, or XLA copies the whole cache to keep
         # the reads correct. The last layer's reads feed only the hidden states, so tie k/v to
         # them with a data dependence (XLA keeps x * 0 for floats; an optimization_barrier does
@@ -470,12 +471,13 @@ class Transformer(nnx.Module):
         k, v = k + tie, v + tie
         return hidden, _write_kv(cache, k, v, attn_mask)
 
-    def _hidden_states_and_kv(self, tokens, positions, cache: KVCache, attn_mask=None):
+    def hidden_states_and_kv(self, tokens, positions, cache: KVCache, attn_mask=None):
         """Hidden states [B, T, D] and the new tokens' keys and values [L, B, T, K, H].
 
-        Row b's new tokens attend to its `lengths[b]` cached entries and causally to each other;
-        the cache is only read. `write_kv` stores the keys and values; callers that keep a larger
-        cache (the engine) store them there instead.
+        Row b's new tokens attend to its `lengths[b]` cached entries (none when the cache's
+        `read_len` is 0: plain causal attention) and causally to each other; the cache is only
+        read. `hidden_states` writes the keys and values into the cache; callers that keep a
+        larger cache (the engine's prefill) store them there instead.
         """
         b, t = tokens.shape
         x = jnp.take(self.embed_vd[...], tokens, axis=0)  # [B, T, D]
@@ -485,10 +487,10 @@ class Transformer(nnx.Module):
         past_mask = (jnp.arange(s)[None, :] < cache.lengths[:, None])[:, None, :]  # [B, 1, S]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            past = (cache.k[i, :, :, :s], cache.v[i, :, :, :s], past_mask)
+            past = (cache.k[i, :, :, :s], cache.v[i, :, :, :s], past_mask) if s else None
             x, k, v = layer(x, positions, inv_freq, causal, past)
-            new_k.append(k)
-            new_v.append(v)
+            new_k.append(k.astype(cache.k.dtype))
+            new_v.append(v.astype(cache.v.dtype))
         return self.final_norm(x), jnp.stack(new_k), jnp.stack(new_v)
 
 

@@ -2,7 +2,8 @@
 
 A random Llama-style model of SmolLM2-135M's size (tied embeddings; `--preset=tiny` for the small
 one) is built with transformers, saved, and loaded into the JAX `Transformer` with
-`load_pretrained`; both generate greedily from the same prompts and must emit identical tokens.
+`load_pretrained`; both generate greedily from the same prompts and must emit identical tokens
+(a row may differ only from a float near-tie on, checked against transformers' logits).
 For each batch size: tokens/s of both end to end (prefill included), the engine's decode loop
 alone, and its utilisation against limits measured in this process: bytes/s over the measured
 memory bandwidth, and model FLOP/s over the measured matmul throughput at the decode's M (the
@@ -104,6 +105,31 @@ def hf_generate(hf, prompts, max_new):
     return out[:, p:].numpy()
 
 
+# Float32 rounding may order two nearly equal logits differently in the two frameworks; a greedy
+# run then continues from another token. Differences are accepted only where transformers' own
+# logits put the engine's token within this distance of its top one.
+NEAR_TIE = 1e-3
+
+
+def near_ties(hf, prompts, hf_tokens, engine_tokens):
+    """[(row, step, logit gap)] for each row whose tokens differ; exits if any is not a near-tie
+    (a real mismatch, so the timings are not comparable)."""
+    ties = []
+    for row in np.nonzero((hf_tokens != engine_tokens).any(axis=1))[0]:
+        step = int(np.argmax(hf_tokens[row] != engine_tokens[row]))
+        seq = torch.tensor([list(prompts[row]) + hf_tokens[row, :step].tolist()])
+        with torch.no_grad():
+            logits = hf(seq).logits[0, -1]
+        gap = float(logits.max() - logits[int(engine_tokens[row, step])])
+        if gap > NEAR_TIE:
+            raise SystemExit(
+                f"engine and transformers greedy tokens differ at row {row}, step {step} by a "
+                f"logit gap of {gap:.3g}; timings not comparable"
+            )
+        ties.append((int(row), step, gap))
+    return ties
+
+
 def decode_seconds(engine, prompts, sampling, n):
     """Seconds of n - 1 decode steps of every prompt at once (prefill and first step excluded)."""
     slots = [engine.add(prompt, sampling) for prompt in prompts]
@@ -179,12 +205,15 @@ def run_batch(args, hf, model, b, bandwidth):
     engine_s = min(engine_times)
     print(f"engine generate:       {engine_s:8.3f} s  {total / engine_s:9.1f} tokens/s")
     if not args.skip_hf:
-        identical = np.array_equal(hf_tokens, engine_tokens)
         hf_s = min(hf_times)
         print(f"transformers generate: {hf_s:8.3f} s  {total / hf_s:9.1f} tokens/s")
-        print(f"identical greedy tokens: {identical}")
-        if not identical:
-            raise SystemExit("engine and transformers greedy tokens differ; timings not comparable")
+        ties = near_ties(hf, prompts, hf_tokens, engine_tokens)
+        print(f"identical greedy tokens: {not ties}")
+        for row, step, gap in ties:
+            print(
+                f"  row {row} differs from step {step}: the engine's token's logit is {gap:.1e} "
+                f"below transformers' top logit there (a float near-tie)"
+            )
     print(
         f"engine decode loop:    {step_s * 1e3:8.2f} ms/step  {b / step_s:9.1f} tokens/s "
         f"(attends over {kv_len} positions)"

@@ -127,9 +127,9 @@ class KVCache:
     models that wrap `Transformer` pass it through without knowing about it.
     """
 
-    # Head-major: each (row, kv head)'s keys are one contiguous [S, H] block, so decode reads
-    # them as a plain [S, H] operand (at SmolLM2's size, B16 decode attention measured 32-44 ms
-    # per step over [B, S, K, H] and 20 ms over [B, K, S, H]).
+    # Head-major: each (row, kv head)'s keys are one contiguous [S, H] block, which decode reads
+    # in place. At SmolLM2's size, the 30 layers' decode attention of B16 rows over 384
+    # positions, timed alone on a 2-core CPU: 32-44 ms in a [B, S, K, H] layout, 20 ms in this.
     k: jax.Array  # [L, B, K, S, H]
     v: jax.Array  # [L, B, K, S, H]
     lengths: jax.Array  # [B] int32

@@ -127,8 +127,8 @@ class KVCache:
     models that wrap `Transformer` pass it through without knowing about it.
     """
 
-    # Head-major: each (row, kv head)'s keys are one contiguous [S, H] block, which decode reads
-    # in place. At SmolLM2's size, the 30 layers' decode attention of B16 rows over 384
+    # Head-major: each (row, kv head)'s keys are one contiguous [S, H] block for decode's
+    # attention to read. At SmolLM2's size, the 30 layers' decode attention of B16 rows over 384
     # positions, timed alone on a 2-core CPU: 32-44 ms in a [B, S, K, H] layout, 20 ms in this.
     k: jax.Array  # [L, B, K, S, H]
     v: jax.Array  # [L, B, K, S, H]
@@ -299,10 +299,11 @@ def _scores(q, keys, keys_mask, head_dim: int, keys_layout: str = "bskh"):
 def _causal_attention(q, k, v, mask, head_dim: int):
     """Self-attention of T new tokens with no cache, in query blocks: [B, T, K, G, H].
 
-    q [B, T, K, G, H]; k, v [B, T, K, H]; mask [B, T, T] must be causal (every caller builds it
-    as causal & padding). The queries of block [i, j) see no key at or after j, so each block
-    scores keys [0, j) only: the upper triangle's tiles are never computed, nor is their part of
-    the mask select materialised (10 of 16 tiles at T = 512). The skipped keys are all masked, so
+    q [B, T, K, G, H]; k, v [B, T, K, H]; mask [B, T, T] must be causal (callers build it as
+    causal & padding, or causal alone where padding queries are never read). The queries of
+    block [i, j) see no key at or after j, so each block scores keys [0, j) only: the upper
+    triangle's tiles are never computed, nor is their part of the mask select materialised (10
+    of 16 tiles at T = 512). The skipped keys are all masked, so
     the softmax is the same; only rows with every key masked (left padding) spread their uniform
     weights over fewer keys, and nothing reads those rows. At SmolLM2's size (B4 x 512, one layer,
     float32, 2-core CPU) the forward went from 95 to 43 ms and its gradient from 203 to 114 ms.
@@ -324,8 +325,10 @@ def _attend_one_token(q, k, v, past, head_dim: int):
     [B, K, S, H]). Decode's shapes get their own formulation: as batched dots over (B, K),
     XLA:CPU ran B x K tiny matmuls, which cost more than the rest of the step. Elementwise
     products reduced over the head dim (scores) and over the cache positions (output) read each
-    head's contiguous [S, H] block once, in place. One softmax over cached and new keys, taken as
-    its max, exponentials and sum over the two parts (no [S + 1] concatenation to copy).
+    head's contiguous [S, H] block once (XLA:CPU first copies the layer's slice of the cache out
+    of the [L, ...] array, about 7% of a B16 step at SmolLM2's size). One softmax over cached
+    and new keys, taken as its max, exponentials and sum over the two parts (no [S + 1]
+    concatenation to copy).
     """
     past_k, past_v, past_mask = past
     b, _, nk, g, h = q.shape

@@ -7,6 +7,8 @@ needs a larger prefix, or a newly added long prompt does). Every test runs with 
 slot and with two rows for four slots (gathered rows carry only the bucket's positions).
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,24 @@ def full_logprobs(model):
     return run
 
 
+@contextlib.contextmanager
+def _recorded_kv_lens(engine, program: str, kv_len_arg: int):
+    """Yields the list of the kv_len argument (position `kv_len_arg`) of every call of the
+    engine's jitted `program` ("_decode_fn" or "_prefill_fn") inside the block."""
+    original = getattr(engine, program)
+    kv_lens = []
+
+    def recording(*args):
+        kv_lens.append(args[kv_len_arg])
+        return original(*args)
+
+    setattr(engine, program, recording)
+    try:
+        yield kv_lens
+    finally:
+        setattr(engine, program, original)
+
+
 def _run_script(engine, temperature):
     """Adds prompts in waves so the decoding rows' lengths climb through every bucket.
 
@@ -87,16 +107,8 @@ def _run_script(engine, temperature):
         {5: [(30, 9), (7, 20)]},
     ]
     waves = {k: v for wave in waves for k, v in wave.items()}
-    kv_lens = []
-    decode = engine._decode_fn
-
-    def recording_decode(*args):
-        kv_lens.append(args[5])
-        return decode(*args)
-
-    engine._decode_fn = recording_decode
     results, owner, num_added = {}, {}, 0
-    try:
+    with _recorded_kv_lens(engine, "_decode_fn", 5) as kv_lens:
         for chunk in range(40):
             for length, max_new in waves.get(chunk, []):
                 prompt = rng.integers(0, VOCAB, length).tolist()
@@ -112,8 +124,6 @@ def _run_script(engine, temperature):
                 engine.release(out.slot)
             if num_added == 5 and not owner:
                 break
-    finally:
-        engine._decode_fn = decode
     assert len(results) == 5
     return results, kv_lens
 
@@ -188,17 +198,10 @@ def test_prefill_chunks_read_only_what_came_before_them(model, decode_rows, full
     attention), each later chunk the smallest bucket holding the entries before it, and the
     tokens are still those of one uncached forward pass."""
     engine = _engine(model, decode_rows)
-    kv_lens = []
-    prefill = engine._prefill_fn
-
-    def recording_prefill(*args):
-        kv_lens.append(args[8])
-        return prefill(*args)
-
-    engine._prefill_fn = recording_prefill
     prompt = np.random.default_rng(3).integers(0, VOCAB, 41).tolist()
-    # 40 tokens are written (the last becomes the pending token): chunks start at 0, 16, 32.
-    (completion,) = engine.generate([prompt], engine_lib.SamplingParams(max_new_tokens=6))
+    with _recorded_kv_lens(engine, "_prefill_fn", 8) as kv_lens:
+        # 40 tokens are written (the last becomes the pending token): chunks start at 0, 16, 32.
+        (completion,) = engine.generate([prompt], engine_lib.SamplingParams(max_new_tokens=6))
     assert kv_lens == [0, 16, 32]
     seq = prompt + completion.tokens.tolist()
     rows = full_logprobs(seq, 1.0)[len(prompt) - 1 : len(seq) - 1]

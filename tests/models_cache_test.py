@@ -112,3 +112,22 @@ def test_blocked_causal_attention_matches_one_softmax_over_all_keys(loaded):
     for g1, g2 in zip(jax.tree.leaves(blocked_grads), jax.tree.leaves(cached_grads), strict=True):
         scale = max(float(jnp.max(jnp.abs(g2))), 1.0)
         assert float(jnp.max(jnp.abs(g1 - g2))) <= 1e-5 * scale
+
+
+def test_tied_head_vocab_major_for_few_rows():
+    # Decode's few rows take the vocab-major head ([V, D] embedding times the rows); more rows
+    # take [rows, D] x [D, V]. Both give the same logits, and the few-row program has the
+    # barrier that keeps XLA from folding the vocab-major product back.
+    config = helpers.tiny_model_config(tie_word_embeddings=True, vocab_size=1000)
+    model = model_lib.Transformer(config, rngs=nnx.Rngs(0))
+    embed = np.asarray(model.embed_vd[...], np.float64)
+    rng = np.random.default_rng(0)
+    for shape, vocab_major in (((16, 1), True), ((2, 16), True), ((4, 16), False)):
+        hidden = jnp.asarray(rng.normal(size=(*shape, config.hidden_size)), jnp.float32)
+        logits = model.logits(hidden)
+        assert logits.shape == (*shape, config.vocab_size)
+        np.testing.assert_allclose(
+            np.asarray(logits), np.asarray(hidden, np.float64) @ embed.T, rtol=1e-5, atol=1e-5
+        )
+        program = str(jax.make_jaxpr(model.logits)(hidden))
+        assert ("optimization_barrier" in program) == vocab_major

@@ -7,9 +7,13 @@ one) is built with transformers, saved, and loaded into the JAX `Transformer` wi
 For each batch size: tokens/s of both end to end (prefill included), the engine's decode loop
 alone, and its utilisation against limits measured in this process: bytes/s over the measured
 memory bandwidth, and model FLOP/s over the measured matmul throughput at the decode's M (the
-batch). With `--compare_max_len`, the decode loop also runs on a second engine whose cache has
-that many positions, interleaved with the first, and the ratio of the two step times is printed
-(decode attends only over the cache prefix the live rows need, so it should be near 1).
+batch). Floors measured the same way: the model's matmuls alone (every weight read once, in
+layer order) at the decode's rows plus the live cache at the measured bandwidth, and at the
+prefill's tokens; the printed bound is the end-to-end ratio an engine running at those floors
+would reach. With `--compare_max_len`, the decode loop also runs on a second engine whose
+cache has that many positions, interleaved with the first, and the ratio of the two step times
+is printed (decode attends only over the cache prefix the live rows need, so it should be
+near 1).
 
   python benchmarks/bench_decode.py                         # B16, prompt 256, 128 new tokens
   python benchmarks/bench_decode.py --batch=16,32
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
 from toolr1_jax import engine as engine_lib
 from toolr1_jax.models import params as params_lib
@@ -143,6 +148,33 @@ def decode_seconds(engine, prompts, sampling, n):
     return seconds
 
 
+def matmul_floor_seconds(model, rows: int, head: bool) -> float:
+    """Best time of the model's weight matmuls alone for `rows` tokens: each layer's
+    projections and MLP in order (and the LM head if `head`), joined by adds only, every weight
+    read once from memory. A forward over `rows` tokens cannot beat it with XLA's dots on these
+    weights as stored; attention, norms, RoPE and the cache come on top."""
+    graphdef, state = nnx.split(model)
+    d = model.config.hidden_size
+
+    @jax.jit
+    def chain(state, x):
+        m = nnx.merge(graphdef, state)
+        for layer in m.layers:
+            a, mlp = layer.attn, layer.mlp
+            q = x @ a.wq_dnh[...].reshape(d, -1)
+            k = x @ a.wk_dkh[...].reshape(d, -1)
+            v = x @ a.wv_dkh[...].reshape(d, -1)
+            x = x + q @ a.wo_nhd[...].reshape(-1, d) + k[:, :1] + v[:, :1]
+            gate = x @ mlp.w_gate_df[...]
+            x = x + (gate * (x @ mlp.w_up_df[...])) @ mlp.w_down_fd[...]
+        return m.logits(x).sum() if head else x.sum()
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(rows, d)) * 0.1, model.dtype)
+    chain(state, x).block_until_ready()  # compiles
+    seconds, _ = best_of(3, lambda: chain(state, x).block_until_ready())
+    return seconds
+
+
 def run_batch(args, hf, model, b, bandwidth):
     p, n = args.prompt_tokens, args.new_tokens
     prompts = np.random.default_rng(b).integers(1, args.vocab, size=(b, p)).tolist()
@@ -223,9 +255,25 @@ def run_batch(args, hf, model, b, bandwidth):
         f"model FLOPs/step {step_flops / 1e9:.2f} G; matmul [{b}x{args.hidden}]x"
         f"[{args.hidden}x{args.intermediate}] {matmul_peak / 1e9:.0f} GFLOP/s"
     )
+    # Floors on this machine: the matmuls alone at their measured speed, plus (decode) the live
+    # cache read at the measured bandwidth. Prefill (b x (p - 1) tokens, no LM head) and n
+    # decode steps at their floors bound what any engine with XLA's dots could reach.
+    decode_floor = matmul_floor_seconds(model, b, head=True) + b * (p + n / 2) * token_bytes / (
+        bandwidth
+    )
+    prefill_floor = matmul_floor_seconds(model, b * (p - 1), head=False)
+    print(
+        f"floors: decode step {decode_floor * 1e3:.1f} ms (matmuls alone + the live cache at "
+        f"the measured bandwidth), prefill {prefill_floor:.2f} s (matmuls alone); end to end "
+        f"{prefill_floor + n * decode_floor:.2f} s"
+    )
     ratios = {}
     if not args.skip_hf:
         ratios["engine / transformers tokens/s (end to end)"] = hf_s / engine_s
+        ratios["  bound: the same if prefill and decode ran at their floors"] = hf_s / (
+            prefill_floor + n * decode_floor
+        )
+    ratios["decode step at its floor (floor / measured)"] = decode_floor / step_s
     ratios["decode bandwidth use (ideal bytes / s / measured)"] = ideal_bytes / step_s / bandwidth
     ratios["decode bandwidth use (bytes read / s / measured)"] = read_bytes / step_s / bandwidth
     ratios[f"decode compute use (FLOP/s / matmul FLOP/s at M={b})"] = (

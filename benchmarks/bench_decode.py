@@ -227,7 +227,8 @@ def run_batch(args, hf, model, b, bandwidth):
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
     token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, all layers
     # Ideal traffic per step: every weight once plus the valid part of every row's cache.
-    ideal_bytes = param_bytes + b * (p + n / 2) * token_bytes
+    live_cache_bytes = b * (p + n / 2) * token_bytes  # the rows' mean cache over the run
+    ideal_bytes = param_bytes + live_cache_bytes
     read_bytes = param_bytes + b * kv_len * token_bytes
     step_flops = common.matmul_flops(args, b)
     matmul_peak = common.matmul_flops_per_s(b, args.hidden, args.intermediate)
@@ -258,9 +259,7 @@ def run_batch(args, hf, model, b, bandwidth):
     # Floors on this machine: the matmuls alone at their measured speed, plus (decode) the live
     # cache read at the measured bandwidth. Prefill (b x (p - 1) tokens, no LM head) and n
     # decode steps at their floors bound what any engine with XLA's dots could reach.
-    decode_floor = matmul_floor_seconds(model, b, head=True) + b * (p + n / 2) * token_bytes / (
-        bandwidth
-    )
+    decode_floor = matmul_floor_seconds(model, b, head=True) + live_cache_bytes / bandwidth
     prefill_floor = matmul_floor_seconds(model, b * (p - 1), head=False)
     print(
         f"floors: decode step {decode_floor * 1e3:.1f} ms (matmuls alone + the live cache at "

@@ -3,12 +3,13 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from tests import helpers
-from toolr1_jax import sharding, update
+from toolr1_jax import checkpoint, sharding, update
 from toolr1_jax.data import types as data_types
 from toolr1_jax.models import model as model_lib
 
@@ -224,6 +225,76 @@ def test_steps_raise_logprob_of_positive_advantage_tokens():
     lp1 = np.asarray(logprob_fn(state, batch))
     seq_delta = ((lp1 - lp0) * batch.loss_mask).sum(1)
     assert np.all(seq_delta[0::2] > 0) and np.all(seq_delta[1::2] < 0), seq_delta
+
+
+def _changed(a, b) -> float:
+    """The fraction of entries that differ between two param trees."""
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    changed = sum(
+        int((np.asarray(x, np.float32) != np.asarray(y, np.float32)).sum()) for x, y in pairs
+    )
+    return changed / sum(np.size(x) for x, _ in pairs)
+
+
+def test_bfloat16_params_step_on_float32_master_weights(tmp_path):
+    # configs/gaia.py trains bfloat16 params at lr 1e-6. Adam moves a weight by about the
+    # learning rate, ~100x below bfloat16's spacing near 0.02: added to bfloat16 weights
+    # directly, nearly every step rounds away. The optimizer steps float32 master weights.
+    def model16():
+        return model_lib.Transformer(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+
+    graphdef16 = nnx.graphdef(nnx.eval_shape(model16))
+    start16 = jax.jit(lambda: nnx.state(model16()))()
+    graphdef32, _ = tiny_model()
+    start32 = jax.tree.map(lambda x: x.astype(jnp.float32), start16)  # the same weights
+    batch = make_batch(graphdef32, start32)
+    loss = update.LossConfig(temperature=LOSS.temperature)
+    optimizer = update.make_optimizer(1e-6, 0, 10, 0.0, 1.0)
+    runs = {}
+    for name, graphdef, start in (("bf16", graphdef16, start16), ("f32", graphdef32, start32)):
+        state = jax.tree.map(lambda x: x.copy(), start)
+        opt_state = optimizer.init(state)
+        step = update.make_train_step(graphdef, optimizer, loss)
+        for _ in range(3):
+            state, opt_state, _ = step(state, opt_state, batch)
+        runs[name] = state, opt_state, step
+    state16, opt16, step16 = runs["bf16"]
+    state32, opt32, _ = runs["f32"]
+
+    # float32 params keep the plain optimizer state; bfloat16 ones get float32 master weights
+    # and moments from the start, so the step's program never changes (one compilation).
+    assert not isinstance(opt32, update.MasterWeightsState)
+    assert isinstance(opt16, update.MasterWeightsState)
+    assert {x.dtype for x in jax.tree.leaves(opt16) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert step16.num_compilations == 1
+    # Each param is its master weight rounded to bfloat16, exactly.
+    for p, m in zip(jax.tree.leaves(state16), jax.tree.leaves(opt16.master), strict=True):
+        assert p.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(m.astype(jnp.bfloat16)))
+    # The master weights moved where the float32 run's params did; the bfloat16 params alone
+    # would have lost nearly all of it.
+    moved32, moved_master = _changed(start32, state32), _changed(start32, opt16.master)
+    assert moved32 > 0.5 and moved_master >= 0.95 * moved32, (moved32, moved_master)
+    assert _changed(start16, state16) < 0.2 * moved32
+    # Adam's steps are about lr each: the master weights are within a few steps of the float32
+    # run (bfloat16's gradients flip the sign of some of the smallest).
+    for m, p in zip(jax.tree.leaves(opt16.master), jax.tree.leaves(state32), strict=True):
+        assert np.abs(np.asarray(m) - np.asarray(p)).max() <= 6 * 1e-6 * 1.1
+
+    # The state checkpoints and resumes as itself (the update tells the two kinds apart).
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    saved = {"params": state16, "opt_state": opt16}
+    ckpt.save(3, saved, {})
+    _, restored, _ = ckpt.restore_latest(saved)
+    ckpt.close()
+    assert isinstance(restored["opt_state"], update.MasterWeightsState)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... and the next step from it is the step from the state that was saved.
+    expected, _, _ = step16(*jax.tree.map(lambda x: x.copy(), (state16, opt16)), batch)
+    resumed, _, _ = step16(restored["params"], restored["opt_state"], batch)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_fully_masked_batch_gives_zero_gradient_and_finite_metrics():

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -171,7 +172,8 @@ def make_optimizer(
     *,
     end_lr_ratio: float = 1.0,
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with linear warmup and cosine decay to `end_lr_ratio*lr`.
+    """Global-norm clipping, then AdamW with linear warmup and cosine decay to `end_lr_ratio*lr`,
+    on float32 master weights when the params are low-precision (`float32_master_weights`).
 
     The default `end_lr_ratio=1.0` holds `lr` after warmup (the usual RL fine-tuning schedule).
     Weight decay applies only to matrices with an 'embed' logical axis.
@@ -189,10 +191,54 @@ def make_optimizer(
         decay_steps=total_steps,
         end_value=lr * end_lr_ratio,
     )
-    return optax.chain(
-        optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask),
+    return float32_master_weights(
+        optax.chain(
+            optax.clip_by_global_norm(max_grad_norm),
+            optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask),
+        )
     )
+
+
+class MasterWeightsState(NamedTuple):
+    master: Any  # float32 copy of the params
+    inner: optax.OptState  # the wrapped optimizer's state, built on `master`
+
+
+def float32_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to a float32 copy of low-precision (e.g. bfloat16) params.
+
+    Adam moves a weight by about the learning rate (1e-6 in RL fine-tuning), far below
+    bfloat16's resolution (a 0.02 weight's neighbours are 1e-4 away): added to bfloat16 params
+    directly, nearly every step rounds away and the model does not train. So the optimizer
+    state keeps float32 master weights (and float32 moments), steps those, and returns for each
+    param the update that lands it on its master value rounded to the param's dtype. With
+    float32 params the wrapper adds nothing: the state is `inner`'s own.
+    """
+
+    def init(params):
+        if all(x.dtype == jnp.float32 for x in jax.tree.leaves(params)):
+            return inner.init(params)
+        master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(updates, state, params=None):
+        if not isinstance(state, MasterWeightsState):
+            return inner.update(updates, state, params)
+        if params is None:
+            raise ValueError("float32_master_weights needs the params in update().")
+        updates = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
+        steps, inner_state = inner.update(updates, state.inner, state.master)
+        master = optax.apply_updates(state.master, steps)
+        # In float32, p + (rounded - p) is exactly `rounded` (both are bfloat16 values), so
+        # optax.apply_updates leaves each param equal to its master value in the param's dtype.
+        to_master = jax.tree.map(
+            lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32),
+            master,
+            params,
+        )
+        return to_master, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _microbatches(batch: Batch, num_microbatches: int, mesh) -> Batch:
@@ -480,7 +526,8 @@ def make_train_step(
 
     def step(state, opt_state, batch, ref_state):
         grads, metrics = grads_and_metrics(state, batch, ref_state)
-        # Updates in float32; optax.apply_updates casts back to each param's dtype.
+        # Updates in float32 (on float32 master weights for low-precision params);
+        # optax.apply_updates casts back to each param's dtype.
         updates, opt_state = optimizer.update(grads, opt_state, state)
         state = optax.apply_updates(state, updates)
         return state, opt_state, metrics

@@ -19,6 +19,7 @@ near 1).
   python benchmarks/bench_decode.py --batch=16,32
   python benchmarks/bench_decode.py --max_len=4096 --compare_max_len=512 --skip_hf
   python benchmarks/bench_decode.py --preset=tiny
+  python benchmarks/bench_decode.py --preset=qwen2.5-0.5b --dtype=bfloat16 --skip_hf  # GPU
 """
 
 import argparse
@@ -59,32 +60,24 @@ def parse_args():
     )
     p.add_argument("--skip_hf", action="store_true", help="engine only (no transformers run)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
-    return common.resolve_model_args(p.parse_args())
+    common.add_dtype_arg(p)
+    args = common.resolve_model_args(p.parse_args())
+    if args.dtype != "float32" and not args.skip_hf:
+        p.error("transformers runs in float32 here (its tokens must match): use --skip_hf")
+    return args
 
 
 def build_models(args, workdir):
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        max_position_embeddings=max(
-            args.max_len, args.compare_max_len, args.prompt_tokens + args.new_tokens
-        ),
+    config = common.hf_config(
+        args,
+        max(args.max_len, args.compare_max_len, args.prompt_tokens + args.new_tokens),
         # Peaked logits, so float differences between the two frameworks never flip an argmax.
         initializer_range=0.2,
-        tie_word_embeddings=args.tied,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
     )
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     hf.save_pretrained(workdir)
-    model, _ = params_lib.load_pretrained(workdir, dtype=jnp.float32)
+    model, _ = params_lib.load_pretrained(workdir, dtype=common.DTYPES[args.dtype])
     return hf, model
 
 
@@ -225,13 +218,14 @@ def run_batch(args, hf, model, b, bandwidth):
     kv_len = next(x for x in engine.decode_lens if x >= min(p + n - 1, engine.max_len))
     cfg = engine.config
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.params))
-    token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, all layers
+    itemsize = jnp.dtype(model.dtype).itemsize
+    token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize  # K, V, layers
     # Ideal traffic per step: every weight once plus the valid part of every row's cache.
     live_cache_bytes = b * (p + n / 2) * token_bytes  # the rows' mean cache over the run
     ideal_bytes = param_bytes + live_cache_bytes
     read_bytes = param_bytes + b * kv_len * token_bytes
     step_flops = common.matmul_flops(args, b)
-    matmul_peak = common.matmul_flops_per_s(b, args.hidden, args.intermediate)
+    matmul_peak = common.matmul_flops_per_s(b, args.hidden, args.intermediate, model.dtype)
 
     print(f"--- batch {b}: prompt {p}, {n} new tokens, cache {engine.max_len} positions ---")
     print(f"engine compilations: {compilations} (decode programs for {engine.decode_lens})")

@@ -59,6 +59,7 @@ def parse_args():
     p.add_argument("--max_len", type=int, default=1024, help="the demo's agent.max_total_tokens")
     p.add_argument("--prefill_chunk", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="timed runs; the fastest is reported")
+    common.add_dtype_arg(p)
     return common.resolve_model_args(p.parse_args())
 
 
@@ -78,7 +79,7 @@ def demo_prompts(tok, num_questions: int) -> list[list[int]]:
 
 def build_model(args) -> model_lib.Transformer:
     config = common.model_config(args)
-    return model_lib.Transformer(config, rngs=nnx.Rngs(0))
+    return model_lib.Transformer(config, rngs=nnx.Rngs(0), dtype=common.DTYPES[args.dtype])
 
 
 def time_step_prefill(engine, prompts, repeats):
@@ -137,7 +138,7 @@ def main():
     layer_params = sum(x.size for x in jax.tree.leaves(state)) - args.vocab * args.hidden * (
         1 if args.tied else 2
     )
-    matmul = common.matmul_flops_per_s(2048, args.hidden, args.intermediate)
+    matmul = common.matmul_flops_per_s(2048, args.hidden, args.intermediate, model.dtype)
 
     results = {}
     for share in (False, True):
@@ -158,7 +159,7 @@ def main():
             f"{name}: {seconds:7.2f} s, {rows:4d} rows of {engine.prefill_chunk} tokens computed, "
             f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / matmul:.0%} of the "
             f"measured matmul throughput ({matmul / 1e9:.0f} GFLOP/s, [2048x{args.hidden}]x"
-            f"[{args.hidden}x{args.intermediate}])"
+            f"[{args.hidden}x{args.intermediate}] {args.dtype})"
         )
         del engine
     real = sum(len(p) - 1 for p in prompts)

@@ -7,12 +7,15 @@ mean, capped importance weight), backward, global-norm clipping and AdamW with w
 step's losses must agree. The sides take turns of `--steps` steps each, and a turn's fastest
 step counts: on this box the first step after the other side's ran up to 14 s (45%) slower,
 whether the two sides shared a process or not. Prints tokens/s of each and their ratio, the JAX
-step's model FLOP/s (6 x matmul parameters x tokens) over the float32 matmul throughput measured
-in the same run at the step's shapes, and the compiled program's temporary memory per token, last.
+step's model FLOP/s (6 x matmul parameters x tokens) over the matmul throughput measured in the
+same run at the step's shapes (and, on an accelerator, over an 8192^3 product's: the MFU), and
+the compiled program's temporary memory per token, last. `--skip_torch` times the JAX step alone,
+on random weights built in JAX, in any `--dtype`.
 
   python benchmarks/bench_update.py                      # SmolLM2 size, batch 8 x 512 tokens
   python benchmarks/bench_update.py --tokens=1024 --microbatches=2
   python benchmarks/bench_update.py --preset=tiny --tokens=256
+  python benchmarks/bench_update.py --preset=qwen2.5-1.5b --dtype=bfloat16 --skip_torch  # GPU
   taskset -c 1 python benchmarks/bench_update.py        # both sides on one core
 
 On a shared machine the two-thread figure flatters JAX: PyTorch's OpenMP threads lose more to
@@ -66,7 +69,14 @@ def parse_args():
     )
     p.add_argument("--steps", type=int, default=2, help="steps per turn (the fastest counts)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each side")
-    return common.resolve_model_args(p.parse_args())
+    p.add_argument(
+        "--skip_torch", action="store_true", help="JAX only (random weights built in JAX)"
+    )
+    common.add_dtype_arg(p)
+    args = common.resolve_model_args(p.parse_args())
+    if args.dtype != "float32" and not args.skip_torch:
+        p.error("the PyTorch side runs in float32 (its loss must match): use --skip_torch")
+    return args
 
 
 def make_batch(args):
@@ -139,33 +149,25 @@ def turn(step, steps):
 def main():
     args = parse_args()
     print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, ")
-    print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    # Llama: SmolLM2's architecture (no attention biases).
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.tokens,
-        tie_word_embeddings=args.tied,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    hf.config._attn_implementation = "sdpa"
-    hf.train()
-    with tempfile.TemporaryDirectory() as workdir:
-        hf.save_pretrained(workdir)
-        model, _ = params_lib.load_pretrained(workdir, dtype=jnp.float32)
+    dtype = common.DTYPES[args.dtype]
+    if args.skip_torch:
+        hf = None
+        model = model_lib.Transformer(common.model_config(args), rngs=nnx.Rngs(0), dtype=dtype)
+    else:
+        print(f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+        torch.manual_seed(0)
+        config = common.hf_config(args, args.tokens)
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        hf.config._attn_implementation = "sdpa"
+        hf.train()
+        with tempfile.TemporaryDirectory() as workdir:
+            hf.save_pretrained(workdir)
+            model, _ = params_lib.load_pretrained(workdir, dtype=dtype)
     batch = make_batch(args)
     tokens_per_step = int(batch["loss_mask"].size)
     print(
         f"model: {common.describe(args)}; batch {args.batch} x {args.tokens} tokens, "
-        f"{args.microbatches} micro-batch(es), JAX remat {args.remat}"
+        f"{args.microbatches} micro-batch(es), JAX remat {args.remat}, {args.dtype}"
     )
 
     # JAX: the first call compiles; later calls reuse the program and donate their inputs.
@@ -192,55 +194,70 @@ def main():
         state, opt_state, m = step(state, opt_state, jbatch, None)
         jax.block_until_ready(m)
 
-    torch_step = torch_step_fn(hf, batch, args.microbatches)
-    torch_loss = torch_step()
-
-    # Same loss on the same weights before any update (the token-mean counts positions 1..L-1
-    # on both sides: position 0 has no prediction).
-    print(f"first-step loss: jax {jax_loss:.6f}, torch {torch_loss:.6f}")
-    if not np.isclose(jax_loss, torch_loss, rtol=1e-3, atol=1e-5):
-        raise SystemExit("The two implementations disagree on the loss; timings are meaningless.")
-
+    turns = {"jax": []}
+    if hf is not None:
+        torch_step = torch_step_fn(hf, batch, args.microbatches)
+        torch_loss = torch_step()
+        # Same loss on the same weights before any update (the token-mean counts positions
+        # 1..L-1 on both sides: position 0 has no prediction).
+        print(f"first-step loss: jax {jax_loss:.6f}, torch {torch_loss:.6f}")
+        if not np.isclose(jax_loss, torch_loss, rtol=1e-3, atol=1e-5):
+            raise SystemExit(
+                "The two implementations disagree on the loss; timings are meaningless."
+            )
+        turns["torch"] = []
     # Interleaved, so that both sides see the same background load on a shared machine; the
     # median of the per-repeat ratios is robust to a repeat that one side lost to other work.
-    turns = {"jax": [], "torch": []}
     for _ in range(args.repeats):
         turns["jax"].append(turn(jax_step, args.steps))
-        turns["torch"].append(turn(torch_step, args.steps))
+        if hf is not None:
+            turns["torch"].append(turn(torch_step, args.steps))
     for name, side_turns in turns.items():
         steps = "  ".join(" ".join(f"{t:.1f}" for t in seconds) for seconds in side_turns)
         print(f"{name} steps by turn (s): {steps}")
-    jax_times = [min(seconds) for seconds in turns["jax"]]
-    torch_times = [min(seconds) for seconds in turns["torch"]]
-    ratios = [t / j for j, t in zip(jax_times, torch_times, strict=True)]
-    for name, times in (("jax", jax_times), ("torch", torch_times)):
+    best_times = {name: [min(seconds) for seconds in t] for name, t in turns.items()}
+    for name, times in best_times.items():
         med, best = statistics.median(times), min(times)
         print(
             f"{name + ':':6s} median {med * 1e3:8.1f} ms/step {tokens_per_step / med:8.0f} tokens/s"
             f"   best {best * 1e3:8.1f} ms/step {tokens_per_step / best:8.0f} tokens/s"
         )
-    print(f"per-repeat speedups: {' '.join(f'{r:.2f}' for r in ratios)}")
+    jax_times = best_times["jax"]
+    if hf is not None:
+        torch_times = best_times["torch"]
+        ratios = [t / j for j, t in zip(jax_times, torch_times, strict=True)]
+        print(f"per-repeat speedups: {' '.join(f'{r:.2f}' for r in ratios)}")
 
     # Limits measured now, on the shapes the step's big matmuls have: the MLP's [rows, D] x
     # [D, F] with rows the tokens of one micro-batch.
     rows = tokens_per_step // args.microbatches
-    peak = common.matmul_flops_per_s(rows, args.hidden, args.intermediate)
+    peak = common.matmul_flops_per_s(rows, args.hidden, args.intermediate, dtype)
     model_flops = 3 * common.matmul_flops(args, tokens_per_step)  # forward + backward
     jax_best = min(jax_times)
     print(
-        f"float32 matmul [{rows}x{args.hidden}]x[{args.hidden}x{args.intermediate}]: "
+        f"{args.dtype} matmul [{rows}x{args.hidden}]x[{args.hidden}x{args.intermediate}]: "
         f"{peak / 1e9:.0f} GFLOP/s; model FLOPs/step {model_flops / 1e12:.2f} T"
     )
+    # An accelerator's own best: a large square product (on the CPU the step's shapes already
+    # run near it, and an 8192-cube would take minutes).
+    device_peak = None
+    if jax.default_backend() != "cpu":
+        device_peak = common.matmul_flops_per_s(8192, 8192, 8192, dtype)
+        print(f"{args.dtype} matmul 8192^3: {device_peak / 1e12:.0f} TFLOP/s")
     temp = memory.temp_size_in_bytes if memory is not None else float("nan")
     print("--- ratios ---")
+    if hf is not None:
+        print(
+            f"speedup (jax / torch tokens/s): median {statistics.median(ratios):.2f}x, "
+            f"best-vs-best {min(torch_times) / jax_best:.2f}x"
+        )
+    torch_use = f" (torch: {model_flops / min(torch_times) / peak:.2f})" if hf is not None else ""
     print(
-        f"speedup (jax / torch tokens/s): median {statistics.median(ratios):.2f}x, "
-        f"best-vs-best {min(torch_times) / jax_best:.2f}x"
+        f"jax model FLOP/s over matmul throughput: {model_flops / jax_best / peak:.2f}{torch_use}"
     )
-    print(
-        f"jax model FLOP/s over matmul throughput: {model_flops / jax_best / peak:.2f} "
-        f"(torch: {model_flops / min(torch_times) / peak:.2f})"
-    )
+    if device_peak is not None:
+        mfu = model_flops / jax_best / device_peak
+        print(f"jax model FLOP/s over the 8192^3 product's (MFU): {mfu:.2f}")
     print(
         f"jax temporaries: {temp / 2**30:.2f} GiB, {temp / tokens_per_step / 2**10:.0f} KiB "
         "per token"

@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -280,6 +281,39 @@ def test_non_finite_loss_stops_the_run_and_the_resume_needs_no_init_from(
     assert math.isfinite(metrics["update/loss"])
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [1, 2, 3]
+    assert sorted(_metrics(workdir)) == [1, 2, 3]
+
+
+def test_a_bfloat16_run_trains_on_float32_master_weights_and_resumes(tmp_path, data_dir, caplog):
+    # configs/gaia.py's own dtype (its debug variant runs float32): the params stay bfloat16, the
+    # checkpoint holds the optimizer's float32 master weights, each param is its master value
+    # rounded, no step after the first compiles, and a resume carries on from them. (That the
+    # master weights keep what bfloat16 cannot is update_test's: this tiny policy earns no
+    # reward, so its gradients are zero.)
+    workdir = tmp_path / "run"
+    config = _debug_config(data_dir, **{"model.dtype": "bfloat16"})
+    config.total_steps = 2
+    trainer.train(config, str(workdir))
+    compiles = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "compiles" in d:
+            compiles[d["step"]] = d["compiles"]
+    assert compiles[1] > 0 and compiles[2] == 0, compiles
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        saved = ckptr.restore(workdir / "checkpoints" / "2" / "state")
+    params, master = saved["params"], saved["opt_state"]["master"]
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(master), strict=True):
+        assert p.dtype == jnp.bfloat16 and m.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(m.astype(jnp.bfloat16)))
+
+    config.total_steps = 3
+    with caplog.at_level(logging.INFO):
+        metrics = trainer.train(config, str(workdir))
+    assert "Resumed from workdir at step 2" in caplog.text
+    assert math.isfinite(metrics["update/loss"])
     assert sorted(_metrics(workdir)) == [1, 2, 3]
 
 

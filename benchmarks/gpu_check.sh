@@ -8,8 +8,9 @@
 #   benchmarks/gpu_check.sh            # on the GPU machine, from anywhere in the checkout
 #   benchmarks/gpu_check.sh --smoke    # the same steps at the tiny preset, e.g. on a CPU
 #
-# It needs JAX with CUDA, flax, optax, orbax and transformers, and imports the project from the
-# checkout (PYTHONPATH): a missing package is named before any step runs. The steps share one
+# It imports the project from the checkout (PYTHONPATH) with its dependencies (JAX with CUDA,
+# flax, optax, transformers, torch, ml_collections, gguf, tensorflow-datasets, openai, ...): what
+# the three benchmarks cannot import is named before any step runs. The steps share one
 # time budget (GPU_CHECK_SECONDS, 540 s, under a 10-minute limit per command); a step that fails
 # or runs out of it is reported and the next one runs.
 set -uo pipefail
@@ -28,18 +29,19 @@ end=$((SECONDS + ${GPU_CHECK_SECONDS:-540}))
 
 missing=$("$PYTHON" - <<'EOF'
 import importlib
-names = ("jax", "flax", "optax", "orbax.checkpoint", "transformers", "ml_collections", "gguf",
-         "safetensors", "tokenizers", "toolr1_jax.engine", "toolr1_jax.update")
-for name in names:
+import sys
+
+sys.path.insert(0, "benchmarks")
+for name in ("bench_decode", "bench_update", "bench_prefill"):  # the first missing of each
     try:
         importlib.import_module(name)
     except ImportError as e:
-        print(f"{name} ({e})")
+        print(f"{name}: {e}")
 try:  # the prefill step's prompts are the demo's, tokenized by SmolLM2's tokenizer
     from toolr1_jax.models import sources
     sources.locate("smollm2-135m-instruct")
 except Exception as e:
-    print(f"the SmolLM2 tokenizer ({e})")
+    print(f"the SmolLM2 tokenizer: {e}")
 EOF
 )
 if [ -n "$missing" ]; then

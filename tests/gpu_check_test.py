@@ -40,3 +40,15 @@ def test_smoke_run_prints_every_figure():
         assert figure in out.stdout, figure
     assert out.stdout.count("model: tiny preset (llama)") == 2  # both update steps ran
     assert "bfloat16" in out.stdout
+
+
+def test_a_missing_package_is_named_before_any_step(tmp_path):
+    # The GPU image lacks some of the project's packages: here gguf fails to import.
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "__init__.py").write_text("raise ImportError('no gguf here')\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([str(SCRIPT)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "gpu_check: cannot import:" in out.stdout and "no gguf here" in out.stdout
+    assert "===" not in out.stdout  # no step ran

@@ -194,7 +194,7 @@ def main():
         state, opt_state, m = step(state, opt_state, jbatch, None)
         jax.block_until_ready(m)
 
-    turns = {"jax": []}
+    sides = {"jax": jax_step}
     if hf is not None:
         torch_step = torch_step_fn(hf, batch, args.microbatches)
         torch_loss = torch_step()
@@ -205,13 +205,13 @@ def main():
             raise SystemExit(
                 "The two implementations disagree on the loss; timings are meaningless."
             )
-        turns["torch"] = []
+        sides["torch"] = torch_step
     # Interleaved, so that both sides see the same background load on a shared machine; the
     # median of the per-repeat ratios is robust to a repeat that one side lost to other work.
+    turns = {name: [] for name in sides}
     for _ in range(args.repeats):
-        turns["jax"].append(turn(jax_step, args.steps))
-        if hf is not None:
-            turns["torch"].append(turn(torch_step, args.steps))
+        for name, side_step in sides.items():
+            turns[name].append(turn(side_step, args.steps))
     for name, side_turns in turns.items():
         steps = "  ".join(" ".join(f"{t:.1f}" for t in seconds) for seconds in side_turns)
         print(f"{name} steps by turn (s): {steps}")

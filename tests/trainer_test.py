@@ -65,13 +65,18 @@ def _metrics(workdir):
     return rows
 
 
-def _final_state(workdir, step):
-    """The params and queue arrays of a run's checkpoint at `step`, as numpy."""
+def _saved_state(workdir, step):
+    """A run's checkpointed state at `step` as orbax restores it without a target (dicts)."""
     directory = pathlib.Path(workdir) / "checkpoints" / str(step)
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(directory / "state")
+        return ckptr.restore(directory / "state")
+
+
+def _final_state(workdir, step):
+    """The params and queue arrays of a run's checkpoint at `step`, as numpy."""
+    state = _saved_state(workdir, step)
     return jax.tree.map(np.asarray, {"params": state["params"], "queue": state["queue"]})
 
 
@@ -300,10 +305,7 @@ def test_a_bfloat16_run_trains_on_float32_master_weights_and_resumes(tmp_path, d
         if "compiles" in d:
             compiles[d["step"]] = d["compiles"]
     assert compiles[1] > 0 and compiles[2] == 0, compiles
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        saved = ckptr.restore(workdir / "checkpoints" / "2" / "state")
+    saved = _saved_state(workdir, 2)
     params, master = saved["params"], saved["opt_state"]["master"]
     for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(master), strict=True):
         assert p.dtype == jnp.bfloat16 and m.dtype == jnp.float32
